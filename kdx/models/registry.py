@@ -1,0 +1,68 @@
+"""Model registry: `create_model`, `list_models`, `default_taps`.
+
+Zoo names are exact (case-sensitive); `timm/<name>` builds any timm model.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch.nn as nn
+
+from . import cifar_resnet, mobilenetv2, resnet_cifar_stem, shufflenet, vgg, wrn
+from .timm_models import create_timm_model, timm_default_taps
+
+TIMM_PREFIX = "timm/"
+
+_ZOO: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}": partial(cifar_resnet.resnet, d) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": partial(cifar_resnet.resnet_x4, 8),
+    "resnet32x4": partial(cifar_resnet.resnet_x4, 32),
+    **{f"wrn_{d}_{k}": partial(wrn.wrn, d, k) for d in (16, 40) for k in (1, 2)},
+    **{name: partial(vgg.vgg, name) for name in vgg.CFGS},
+    "mobile_half": mobilenetv2.mobile_half,
+    "MobileNetV2": mobilenetv2.mobile_half,
+    "ShuffleV1": shufflenet.shuffle_v1,
+    "ShuffleV2": shufflenet.shuffle_v2,
+    "ResNet18": resnet_cifar_stem.resnet18,
+    "ResNet34": resnet_cifar_stem.resnet34,
+    "ResNet50": resnet_cifar_stem.resnet50,
+    "resnet18": resnet_cifar_stem.resnet18,
+    "resnet34": resnet_cifar_stem.resnet34,
+    "resnet50": resnet_cifar_stem.resnet50,
+}
+
+
+def list_models() -> list[str]:
+    """All zoo names (aliases included), sorted; any `timm/<name>` is accepted as well."""
+    return sorted(_ZOO)
+
+
+def create_model(name: str, num_classes: int, **kw) -> nn.Module:
+    """Build zoo model `name` (or `timm/<timm name>`) with a `num_classes`-way classifier.
+
+    Zoo models take no other options apart from `pretrained=False` (they have no pretrained
+    weights; teachers are loaded from checkpoints). For `timm/...`, `pretrained` and any other
+    keyword go to `timm.create_model`.
+    """
+    if name.startswith(TIMM_PREFIX):
+        return create_timm_model(name[len(TIMM_PREFIX) :], num_classes=num_classes, **kw)
+    if name not in _ZOO:
+        raise ValueError(
+            f"Unknown model '{name}'. Valid names: {', '.join(list_models())}, or 'timm/<any timm model>'. "
+            "Set it with `model=<name>` (a config in conf/model/) or `model.name=<name>`."
+        )
+    if kw.pop("pretrained", False):
+        raise ValueError(
+            f"Zoo model '{name}' has no pretrained weights; set `model.pretrained=false` "
+            "(load a trained teacher from its checkpoint instead), or use a `timm/<name>` model."
+        )
+    return _ZOO[name](num_classes=num_classes, **kw)
+
+
+def default_taps(model: nn.Module) -> list[str]:
+    """Default feature tap points of `model`, as keys of `dict(model.named_modules())`."""
+    taps = getattr(model, "default_taps", None)
+    if taps is not None:
+        return list(taps)
+    return timm_default_taps(model)
