@@ -1,0 +1,31 @@
+"""Data layer: deterministic, resumable datamodules yielding ``(x, y, idx)`` batches."""
+
+from kdx.data.augment import apply_crop_flip, crop_flip_params, normalize
+from kdx.data.base import ArrayDataModule, ArrayDataset, BaseDataModule, SplitArrays, stratified_split
+from kdx.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from kdx.data.fashion_mnist import FashionMNISTDataModule
+from kdx.data.imagefolder import ImageFolderDataModule
+from kdx.data.npz import ArrayFileDataModule, load_array_file
+from kdx.data.paths import default_data_root
+from kdx.data.sampler import EpochBatchSampler
+from kdx.data.synthetic import SyntheticDataModule
+
+__all__ = [
+    "ArrayDataModule",
+    "ArrayDataset",
+    "ArrayFileDataModule",
+    "BaseDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "EpochBatchSampler",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "SplitArrays",
+    "SyntheticDataModule",
+    "apply_crop_flip",
+    "crop_flip_params",
+    "default_data_root",
+    "load_array_file",
+    "normalize",
+    "stratified_split",
+]

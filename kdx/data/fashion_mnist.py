@@ -1,0 +1,86 @@
+"""Fashion-MNIST as a 3x32x32 dataset, so CIFAR-sized models apply unchanged.
+
+``root`` is the folder that contains ``FashionMNIST/raw`` (torchvision layout).
+Each 28x28 grey image is zero-padded by 2 px on every side to 32x32 and
+replicated to 3 channels. Normalisation uses the published statistics of the
+original 28x28 images, mean 0.2860 and std 0.3530 per channel; on the padded
+32x32 images the true mean/std are lower (about 0.219 / 0.330), i.e. the
+padding normalises to (0 - 0.2860) / 0.3530 ~ -0.81, not to 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from torchvision.datasets import FashionMNIST
+
+from kdx.data.base import ArrayDataModule, SplitArrays, offline_error
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+def to_3x32(x: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> uint8 [N, 3, 32, 32] (2 px zero border, grey replicated)."""
+    out = np.zeros((len(x), 3, 32, 32), np.uint8)
+    out[:, :, 2:30, 2:30] = np.asarray(x, np.uint8)[:, None]
+    return out
+
+
+class FashionMNISTDataModule(ArrayDataModule):
+    """Fashion-MNIST (10 classes), images 3x32x32; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str = "./data",
+        name: str = "fashion_mnist",
+        download: bool = True,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_split: float | int = 0,
+        split_seed: int = 0,
+        augment: bool = True,
+        pad: int = 4,
+        seed: int = 0,
+        num_workers: int = 0,
+        subset: float | int | None = None,
+        test_subset: float | int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            name=name, root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split,
+            split_seed=split_seed, augment=augment, pad=pad, seed=seed, num_workers=num_workers,
+            subset=subset, test_subset=test_subset, drop_last=drop_last,
+        )
+        self.download = bool(download)
+        self._num_classes = 10
+        self._class_names = list(FASHION_MNIST_CLASSES)
+        self._image_shape = (3, 32, 32)
+        self._mean, self._std = (0.2860,) * 3, (0.3530,) * 3
+
+    def _open(self, train: bool, download: bool) -> FashionMNIST:
+        try:
+            return FashionMNIST(os.path.expanduser(self.root), train=train, download=download)
+        except RuntimeError as e:
+            raise offline_error("Fashion-MNIST (FashionMNIST/raw/*-ubyte)", self.root, None, str(e)) from e
+        except Exception as e:  # download errors when offline
+            raise offline_error("Fashion-MNIST (FashionMNIST/raw/*-ubyte)", self.root, None, f"download failed: {e}") from e
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self._open(train, download=True)
+
+    def _load_arrays(self) -> SplitArrays:
+        download = self.download and self._rank_world()[1] == 1
+        train, test = self._open(True, download), self._open(False, download)
+        return SplitArrays(
+            train_x=to_3x32(train.data.numpy()),
+            train_y=train.targets.numpy().astype(np.int64),
+            test_x=to_3x32(test.data.numpy()),
+            test_y=test.targets.numpy().astype(np.int64),
+            class_names=list(FASHION_MNIST_CLASSES),
+            source=f"torchvision:{os.path.abspath(os.path.expanduser(self.root))}",
+        )
