@@ -1,0 +1,62 @@
+"""Logit distillation losses as pure functions of tensors (METHODS.md §1, §2).
+
+Each function returns an unweighted scalar; the strategies in this package apply the
+per-term weights and warm-up. Shapes: logits [B, C], target [B] (int64).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton KD: ``T² · batchmean KL(softmax(z_t/T) ‖ softmax(z_s/T))``."""
+    log_p_s = F.log_softmax(logits_student / temperature, dim=1)
+    log_p_t = F.log_softmax(logits_teacher / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+    return kl * temperature**2
+
+
+def _binary(p: Tensor, target_mask: Tensor) -> Tensor:
+    """[p_y, 1 - p_y] per sample, from probabilities ``p`` [B, C]."""
+    p_target = (p * target_mask).sum(dim=1, keepdim=True)
+    p_other = (p * (1.0 - target_mask)).sum(dim=1, keepdim=True)
+    return torch.cat([p_target, p_other], dim=1)
+
+
+def dkd_terms(
+    logits_student: Tensor, logits_teacher: Tensor, target: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Unweighted (TCKD, NCKD) of Decoupled KD, each with T² and the 1/B inside.
+
+    Follows the official code: the student's binary probabilities are logged without
+    a clamp, and the non-target distributions are taken by subtracting 1000 from the
+    target logit *after* dividing by T, then a softmax over all C classes.
+    """
+    T = temperature
+    mask = F.one_hot(target, logits_student.shape[1]).to(logits_student.dtype)
+    z_s, z_t = logits_student / T, logits_teacher / T
+    b_s = _binary(F.softmax(z_s, dim=1), mask)
+    b_t = _binary(F.softmax(z_t, dim=1), mask)
+    batch = logits_student.shape[0]
+    # KL(b_t ‖ b_s) with log of the student's binary probabilities taken directly.
+    # xlogy keeps 0·log 0 = 0 when the teacher is certain (as F.kl_div does).
+    tckd = (torch.xlogy(b_t, b_t) - b_t * torch.log(b_s)).sum() / batch * T**2
+    log_q_s = F.log_softmax(z_s - 1000.0 * mask, dim=1)
+    log_q_t = F.log_softmax(z_t - 1000.0 * mask, dim=1)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum() / batch * T**2
+    return tckd, nckd
+
+
+def dkd_loss(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    target: Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> Tensor:
+    """DKD: ``α·TCKD + β·NCKD`` (no CE, no warm-up)."""
+    tckd, nckd = dkd_terms(logits_student, logits_teacher, target, temperature)
+    return alpha * tckd + beta * nckd
