@@ -1,0 +1,99 @@
+"""Config helpers: OmegaConf resolvers, validation of composed configs, resolution.
+
+Hydra's struct mode already rejects a misspelt key given on the command line
+(``distill.temprature=2``). :func:`validate` runs right after composition and catches what
+struct mode cannot: unknown keys added with ``+key=`` or written in an experiment file,
+checked against the signature of each node's ``_target_``, and unknown top-level keys.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterator
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+TOP_LEVEL_KEYS = {
+    "data", "model", "teacher", "distill", "optim", "scheduler", "trainer", "logger", "paths",
+    "experiment", "seed", "task", "method", "ckpt_path", "checkpoint", "progress_bar", "perf",
+    "train", "recipe", "paper", "hydra",
+}
+SPECIAL_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+TASKS = ("distill", "train")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_data_dir() -> str:
+    """``../shared/data`` (from the working folder) when it exists, else ``./data``."""
+    shared = Path.cwd().parent / "shared" / "data"
+    return str(shared.resolve()) if shared.is_dir() else str((Path.cwd() / "data").resolve())
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("kdx_data_dir"):
+        OmegaConf.register_new_resolver("kdx_data_dir", default_data_dir)
+
+
+def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node.keys():
+            if path == "" and key == "hydra":
+                continue
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _target_nodes(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            yield from _target_nodes(child, f"{path}[{i}]")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the setting for unknown keys and bad values."""
+    unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"Unknown top-level config key(s): {', '.join(sorted(unknown))}. Valid keys: "
+            f"{', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}."
+        )
+    if cfg.get("task") not in TASKS:
+        raise ConfigError(f"task={cfg.get('task')!r} is not one of {', '.join(TASKS)}.")
+    for path, node in _target_nodes(cfg):
+        target_name = node._get_node("_target_")._value()
+        try:
+            target = get_object(str(target_name))
+        except Exception as e:
+            raise ConfigError(f"{path}._target_={target_name!r} cannot be imported: {e}") from None
+        try:
+            sig = inspect.signature(target)
+        except (TypeError, ValueError):
+            continue
+        params = sig.parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        for key in node.keys():
+            if key in SPECIAL_KEYS or key in params:
+                continue
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f" Did you mean '{path}.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown key '{path}.{key}' for {target_name}.{hint} Valid keys of {path}: "
+                f"{', '.join(k for k in params if k not in ('self',))}."
+            )
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A fully resolved copy (interpolations evaluated), in struct mode."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    # ${hydra:...} interpolations read the live Hydra config through the resolver, not this node
+    out = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(container), resolve=True))
+    OmegaConf.set_struct(out, True)
+    return out

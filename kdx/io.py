@@ -1,0 +1,124 @@
+"""Safe file handling: atomic writes, hashing, and checkpoint loading with clear errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to change."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (``weights_only=True`` or safetensors) from common layouts.
+
+    Accepted: a plain state dict; ``{"state_dict": ...}`` (Lightning, with a ``student.`` or
+    ``model.`` prefix stripped); ``{"model": ...}`` / ``{"net": ...}`` (mdistiller/CRD style);
+    a ``.safetensors`` file. ``setting`` names the config key that chose the file, for errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist. Set {setting}=<path to a checkpoint>.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes ...
+        raise CheckpointError(
+            f"Cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch/safetensors "
+            f"weights file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Re-create it, or point {setting} to another file."
+        ) from None
+    return _extract_state_dict(obj, path, setting)
+
+
+def _extract_state_dict(obj: Any, path: Path, setting: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "net", "student"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors. Point {setting} to a weights file.")
+    sd = dict(obj)
+    if any(k.startswith("student.") for k in sd):  # a kdx Lightning checkpoint: the student only
+        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    for prefix in ("model.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path | str, setting: str) -> None:
+    """``model.load_state_dict`` with a message that names the file and the likely cause."""
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if mismatched or missing or unexpected:
+        lines = [f"Checkpoint {path} does not fit the model ({type(model).__name__})."]
+        if mismatched:
+            lines.append("Shape mismatches (a different class count or width?): " + "; ".join(mismatched[:4]))
+        if missing:
+            lines.append(f"Missing keys ({len(missing)}): " + ", ".join(missing[:4]))
+        if unexpected:
+            lines.append(f"Unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:4]))
+        lines.append(f"Check the architecture and dataset, or set {setting} to a matching checkpoint.")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict)
