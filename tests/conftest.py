@@ -1,0 +1,69 @@
+"""Shared fixtures: compose the real Hydra config in-process and run it tiny on synthetic data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from kdx.cli import CONFIG_DIR  # noqa: E402  (registers the resolvers)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# a few-second job: 10 classes of 3×32×32 synthetic images, resnet8 teacher and student
+TINY = [
+    "data=synthetic",
+    "data.num_classes=10",
+    "data.train_size=128",
+    "data.test_size=64",
+    "data.batch_size=32",
+    "model=resnet8",
+    "model@teacher.model=resnet8",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+    "logger=none",
+    "progress_bar=none",
+    "teacher.train.max_epochs=1",
+]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path, name: str = "run"):
+    """The composed config as `python -m kdx <overrides>` sees it, writing under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    out = tmp_path / name
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.teachers = str(tmp_path / "teachers")
+        cfg.paths.root_dir = str(ROOT)
+    return cfg
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "kdx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,102 @@
+"""The real config tree: every default composes and validates; misspelt keys fail early and clearly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_cfg
+from kdx.config import ConfigError, resolved, validate
+
+CONF = ROOT / "conf"
+GROUP = lambda g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))  # noqa: E731
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+
+
+def check(cfg):
+    validate(cfg)
+    return resolved(cfg)
+
+
+@pytest.mark.parametrize("data", GROUP("data"))
+@pytest.mark.parametrize("distill", GROUP("distill"))
+def test_every_data_x_distill_composes(tmp_path, data, distill):
+    cfg = check(compose_cfg([f"data={data}", f"distill={distill}"], tmp_path))
+    assert cfg.method == distill and cfg.data._target_.startswith("kdx.data.")
+
+
+@pytest.mark.parametrize("model", GROUP("model"))
+def test_every_model_composes_as_student_and_teacher(tmp_path, model):
+    cfg = check(compose_cfg([f"model={model}", f"model@teacher.model={model}"], tmp_path))
+    assert cfg.model.name == cfg.teacher.model.name
+    assert cfg.model._target_ == "kdx.models.create_model"
+
+
+@pytest.mark.parametrize("group", ["optim", "scheduler", "trainer", "logger"])
+def test_every_option_of_other_groups_composes(tmp_path, group):
+    for option in GROUP(group):
+        check(compose_cfg([f"{group}={option}"], tmp_path))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(tmp_path, experiment):
+    cfg = check(compose_cfg([f"experiment={experiment}"], tmp_path))
+    assert cfg.trainer.max_epochs > 0
+
+
+def test_dkd_pair_recipe_sets_beta_and_lr(tmp_path):
+    cfg = check(compose_cfg(["experiment=cifar100/dkd/res32x4_shuv1"], tmp_path))
+    assert (cfg.model.name, cfg.teacher.model.name) == ("ShuffleV1", "resnet32x4")
+    assert cfg.distill.beta == 8.0 and cfg.optim.lr == 0.01 and cfg.teacher.train.lr == 0.05
+    cfg = check(compose_cfg(["experiment=cifar100/dkd/res56_res20"], tmp_path))
+    assert cfg.distill.beta == 2.0 and cfg.optim.lr == 0.05
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.trainer.max_epochs == 240
+    # the pair recipe also serves other methods: distill=kd replaces the experiment's dkd
+    cfg = check(compose_cfg(["experiment=cifar100/dkd/res32x4_res8x4", "distill=kd_crd"], tmp_path))
+    assert cfg.distill._target_ == "kdx.distill.kd.KD" and cfg.distill.w_ce == 1.0 and cfg.method == "kd_crd"
+    # and the command line still beats the recipe
+    cfg = check(compose_cfg(["experiment=cifar100/dkd/res32x4_res8x4", "distill.beta=3"], tmp_path))
+    assert cfg.distill.beta == 3
+
+
+def test_defaults_are_the_paper_recipe(tmp_path):
+    cfg = check(compose_cfg([], tmp_path))
+    assert cfg.data.name == "cifar100" and cfg.data.batch_size == 64
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 5e-4)
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.trainer.max_epochs == 240
+    assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode == "offline"
+
+
+def test_misspelt_key_on_command_line_fails_at_compose(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="temprature"):
+        compose_cfg(["distill.temprature=2"], tmp_path)
+
+
+def test_added_unknown_key_fails_validation_with_suggestion(tmp_path):
+    cfg = compose_cfg(["+distill.temprature=2"], tmp_path)
+    with pytest.raises(ConfigError, match=r"distill.temprature.*Did you mean 'distill.temperature'"):
+        validate(cfg)
+
+
+def test_unknown_optimizer_key_fails(tmp_path):
+    cfg = compose_cfg(["+optim.momentun=0.8"], tmp_path)
+    with pytest.raises(ConfigError, match="optim.momentun"):
+        validate(cfg)
+
+
+def test_unknown_top_level_key_and_task_fail(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown top-level"):
+        validate(compose_cfg(["+epochs=3"], tmp_path))
+    with pytest.raises(ConfigError, match="task="):
+        validate(compose_cfg(["task=pretrain"], tmp_path))
+
+
+def test_sweep_output_dir_layout():
+    hydra_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "default.yaml"), resolve=False)
+    hydra_cfg = OmegaConf.create({"sweep": hydra_cfg["sweep"], "run": hydra_cfg["run"]})
+    raw = lambda key: OmegaConf.to_container(hydra_cfg, resolve=False)[key]  # noqa: E731
+    assert raw("sweep")["dir"].startswith("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
+    assert raw("sweep")["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+    assert raw("run")["dir"].startswith("outputs/")
