@@ -79,6 +79,8 @@ def teacher_training_config(cfg: DictConfig, output_dir: Path) -> DictConfig:
     if recipe.get("milestones") and "milestones" in (c.get("scheduler") or {}):
         c["scheduler"]["milestones"] = recipe["milestones"]
     c["paths"]["output_dir"] = str(output_dir)
+    if isinstance(c.get("logger"), dict) and "save_dir" in c["logger"]:
+        c["logger"]["save_dir"] = str(output_dir)  # the teacher's run logs beside its own files
     c.setdefault("train", {})["register_teacher"] = False  # the caller stores it under its own key
     out = OmegaConf.create(c)
     OmegaConf.set_struct(out, True)
@@ -184,8 +186,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     started = _dt.datetime.now().isoformat(timespec="seconds")
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    except BaseException:
+        close_logger(logger, "failed")
+        raise
     wall = time.time() - t0
 
     results: dict[str, Any] = {
@@ -226,12 +232,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("test/acc1 last %.2f, best-epoch %s → results in %s", results["test_acc1_last"] or float("nan"),
                  results["best_epoch"], out / "results.json")
     trainer.strategy.barrier()
-    if logger is not None and hasattr(logger, "finalize"):
-        logger.finalize("success")
+    close_logger(logger, "success")
     if is_train and "teacher_path" not in results:
         results["teacher_path"] = str(out / "teacher.pt")
         results["teacher_meta"] = _read_json(out / "teacher.json")
     return results
+
+
+def close_logger(logger: Any, status: str) -> None:
+    """Finish the logger's run, so the next run in this process (a teacher, then its student) gets its own."""
+    if logger is None:
+        return
+    logger.finalize(status)
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None and hasattr(experiment, "finish"):  # W&B
+        experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -18,6 +18,9 @@ def test_wandb_offline_writes_a_syncable_run_with_names(tmp_path, tiny, monkeypa
     assert len(runs) == 1, "W&B offline run folder missing"
     # the run's data is written locally, ready for `wandb sync <folder>`
     assert list(runs[0].glob("*.wandb"))
+    # the teacher trained first has its own W&B run, in its own folder
+    teacher_runs = list((tmp_path / "run" / "teacher" / "wandb").glob("offline-run-*"))
+    assert len(teacher_runs) == 1 and teacher_runs[0].name != runs[0].name
 
 
 def test_logger_that_cannot_start_fails_loudly(tmp_path, tiny, monkeypatch):
