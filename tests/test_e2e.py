@@ -185,3 +185,15 @@ def test_cli_missing_dataset_offline_names_data_root(tmp_path):
     ], timeout=300)
     assert proc.returncode != 0
     assert "data.root" in (proc.stderr + proc.stdout)
+
+
+def test_teacher_of_another_architecture_is_a_clear_error(tmp_path, tiny):
+    run(compose_cfg(tiny + ["task=train"], tmp_path, name="teacher_run"))
+    ckpt = tmp_path / "teacher_run" / "teacher.pt"
+    with pytest.raises(CheckpointError, match=r"trained as 'resnet8'.*model@teacher.model=resnet8"):
+        build(compose_cfg(tiny + ["model@teacher.model=resnet14", f"teacher.ckpt={ckpt}"], tmp_path))
+
+
+def test_auto_train_off_names_the_settings(tmp_path, tiny):
+    with pytest.raises(CheckpointError, match=r"teacher.ckpt=.*task=train model=resnet8"):
+        build(compose_cfg(tiny + ["teacher.auto_train=false"], tmp_path))
