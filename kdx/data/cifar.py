@@ -40,17 +40,35 @@ class _CIFARDataModule(ArrayDataModule):
     default_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     npz_candidates: tuple[str, ...] = ()
 
+    default_name: str = "cifar"
+
     def __init__(
         self,
-        name: str,
-        root: str,
-        source: str,
-        npz_path: str | None,
-        download: bool,
-        cache_dir: str | None,
-        **common,
+        root: str = "./data",
+        name: str | None = None,
+        source: str = "auto",
+        npz_path: str | None = None,
+        download: bool = True,
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_split: float | int = 0,
+        split_seed: int = 0,
+        augment: bool = True,
+        pad: int = 4,
+        seed: int = 0,
+        num_workers: int = 0,
+        subset: float | int | None = None,
+        test_subset: float | int | None = None,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(name=name, root=root, **common)
+        """Explicit keyword arguments (no **kwargs), so a misspelt config key fails; ``name`` defaults
+        to the dataset's own (cifar10 / cifar100)."""
+        super().__init__(
+            name=name or self.default_name, root=root, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            val_split=val_split, split_seed=split_seed, augment=augment, pad=pad, seed=seed,
+            num_workers=num_workers, subset=subset, test_subset=test_subset, drop_last=drop_last,
+        )
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.source_mode = source
@@ -147,33 +165,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     default_mean = (0.4914, 0.4822, 0.4465)
     default_std = (0.2470, 0.2435, 0.2616)
     npz_candidates = ("cifar10_jpeg/cifar10_jpeg.npz", "cifar10.npz", "cifar10/cifar10.npz")
-
-    def __init__(
-        self,
-        root: str = "./data",
-        name: str = "cifar10",
-        source: str = "auto",
-        npz_path: str | None = None,
-        download: bool = True,
-        cache_dir: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_split: float | int = 0,
-        split_seed: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-        subset: float | int | None = None,
-        test_subset: float | int | None = None,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            name=name, root=root, source=source, npz_path=npz_path, download=download, cache_dir=cache_dir,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, split_seed=split_seed,
-            augment=augment, pad=pad, seed=seed, num_workers=num_workers, subset=subset,
-            test_subset=test_subset, drop_last=drop_last,
-        )
+    default_name = "cifar10"
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -185,30 +177,4 @@ class CIFAR100DataModule(_CIFARDataModule):
     default_mean = (0.5071, 0.4867, 0.4408)
     default_std = (0.2675, 0.2565, 0.2761)
     npz_candidates = ("cifar100.npz", "cifar100/cifar100.npz", "cifar100_jpeg/cifar100_jpeg.npz")
-
-    def __init__(
-        self,
-        root: str = "./data",
-        name: str = "cifar100",
-        source: str = "auto",
-        npz_path: str | None = None,
-        download: bool = True,
-        cache_dir: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_split: float | int = 0,
-        split_seed: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-        subset: float | int | None = None,
-        test_subset: float | int | None = None,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            name=name, root=root, source=source, npz_path=npz_path, download=download, cache_dir=cache_dir,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, split_seed=split_seed,
-            augment=augment, pad=pad, seed=seed, num_workers=num_workers, subset=subset,
-            test_subset=test_subset, drop_last=drop_last,
-        )
+    default_name = "cifar100"
