@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -142,6 +143,9 @@ def build(cfg: DictConfig) -> Job:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = instantiate_unwrapped(cfg.data)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and hasattr(dm, "setup"):
+        dm.prepare_data()  # a missing dataset stops here, before any teacher is trained
+        dm.setup("fit")  # idempotent: Lightning's own call later reuses the loaded arrays
     ctx = RunContext(cfg=cfg, dataset_key=dataset_key(dm), num_classes=int(dm.num_classes), output_dir=out)
     strategy = _strategy(cfg, is_train)
     teacher = _teacher(cfg, ctx) if strategy.needs_teacher else None

@@ -180,11 +180,12 @@ def test_cli_entry_point_writes_run_folder(tmp_path):
 
 def test_cli_missing_dataset_offline_names_data_root(tmp_path):
     proc = run_cli([
-        "data=cifar100", f"data.root={tmp_path / 'empty'}", "data.download=false", "task=train",
-        f"hydra.run.dir={tmp_path / 'x'}", "logger=none",
+        "data=cifar100", f"data.root={tmp_path / 'empty'}", "data.download=false", "distill=kd",
+        f"hydra.run.dir={tmp_path / 'x'}", f"paths.teachers={tmp_path / 'teachers'}", "logger=none",
     ], timeout=300)
     assert proc.returncode != 0
-    assert "data.root" in (proc.stderr + proc.stdout)
+    assert "data.root" in (proc.stderr + proc.stdout) and "data.npz_path" in (proc.stderr + proc.stdout)
+    assert not (tmp_path / "x" / "teacher").exists()  # stopped before training a teacher
 
 
 def test_teacher_of_another_architecture_is_a_clear_error(tmp_path, tiny):
