@@ -13,7 +13,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 import kdx
 from kdx.callbacks import build_callbacks, build_logger, log_config
@@ -71,6 +71,8 @@ def teacher_training_config(cfg: DictConfig, output_dir: Path) -> DictConfig:
     c["distill"] = {"_target_": "kdx.distill.none.CrossEntropy"}
     c["ckpt_path"] = None
     c["seed"] = recipe.get("seed", c["seed"])
+    if "seed" in (c.get("data") or {}):
+        c["data"]["seed"] = c["seed"]  # data order and augmentation follow the teacher's own seed
     if recipe.get("max_epochs"):
         c["trainer"]["max_epochs"] = recipe["max_epochs"]
         if "total_epochs" in (c.get("scheduler") or {}):

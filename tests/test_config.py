@@ -1,8 +1,6 @@
 """The real config tree: every default composes and validates; misspelt keys fail early and clearly."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf

@@ -44,13 +44,16 @@ def test_distill_none_is_task_train(tmp_path, tiny):
 
 @pytest.mark.parametrize("method", ["kd", "dkd", "kd_crd"])
 def test_distill_trains_missing_teacher_then_distils(tmp_path, tiny, method, caplog):
-    res = run(compose_cfg(tiny + [f"distill={method}"], tmp_path))
+    res = run(compose_cfg(tiny + [f"distill={method}", "logger=csv"], tmp_path))
     assert res["method"] == method and res["task"] == "distill"
     assert res["teacher"] == "resnet8" and res["teacher_acc1"] is not None
     assert (tmp_path / "teachers" / "synthetic" / "resnet8" / "teacher.json").is_file()
     assert (tmp_path / "run" / "teacher" / "results.json").is_file()  # the teacher's own run
     assert "training it first" in caplog.text
     terms = {"kd": {"ce", "kd"}, "kd_crd": {"ce", "kd"}, "dkd": {"ce", "tckd", "nckd"}}[method]
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {h[len("train/loss/"):] for h in header if h.startswith("train/loss/")} == terms  # one curve per term
+    assert "teacher/acc1" in header
     assert res["teacher_info"]["sha256"]
 
 
