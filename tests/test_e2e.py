@@ -201,3 +201,21 @@ def test_teacher_of_another_architecture_is_a_clear_error(tmp_path, tiny):
 def test_auto_train_off_names_the_settings(tmp_path, tiny):
     with pytest.raises(CheckpointError, match=r"teacher.ckpt=.*task=train model=resnet8"):
         build(compose_cfg(tiny + ["teacher.auto_train=false"], tmp_path))
+
+
+@pytest.mark.parametrize("data", ["cifar10", "fashion_mnist"])
+def test_real_offline_data_through_the_config(tmp_path, tiny, data):
+    """The real data in ../shared/data (CIFAR-10 JPEG copy, Fashion-MNIST) through data=<name>, tiny budget."""
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    overrides = [o for o in tiny if not o.startswith("data.")] + [
+        f"data={data}", "data.subset=300", "data.test_subset=200", "task=train", f"paths.data_dir={SHARED_DATA}",
+    ]
+    res = run(compose_cfg(overrides, tmp_path))
+    assert res["data"]["sizes"]["train"] == 300 and res["data"]["sizes"]["test"] == 200
+    assert res["data"]["num_classes"] == 10 and res["dataset"] == f"{data}-subset300"
+    assert res["status"] == "complete"
+    if data == "cifar10":  # no torchvision files offline: the array file was used, and it is recorded
+        assert "cifar10_jpeg.npz" in res["data"]["source"]
