@@ -219,3 +219,14 @@ def test_real_offline_data_through_the_config(tmp_path, tiny, data):
     assert res["status"] == "complete"
     if data == "cifar10":  # no torchvision files offline: the array file was used, and it is recorded
         assert "cifar10_jpeg.npz" in res["data"]["source"]
+
+
+@pytest.mark.parametrize("extra", [["trainer.precision=bf16-mixed"], ["perf.channels_last=true"]])
+def test_fast_paths_run_kd(tmp_path, tiny, extra):
+    run(compose_cfg(tiny + ["task=train"], tmp_path, name="teacher_run"))
+    ckpt = tmp_path / "teacher_run" / "teacher.pt"
+    res = run(compose_cfg(tiny + ["distill=dkd", f"teacher.ckpt={ckpt}"] + extra, tmp_path))
+    assert res["status"] == "complete" and res["test_acc1_last"] is not None
+    # the exported student is a plain fp32 state dict whatever the precision or memory format
+    sd = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
