@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from kdx.data.base import ArrayDataModule, SplitArrays
+from kdx.io import atomic_path, atomic_write_bytes
 
 SPLITS = ("train", "test")
 
@@ -103,19 +104,6 @@ def _cache_folder(path: Path, cache_dir: str | None) -> Path:
     return Path(os.path.expanduser(cache_dir or default_cache_dir())) / f"{path.stem}-{key}"
 
 
-def _atomic_save(target: Path, array: np.ndarray) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, target)
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
-
-
 def load_array_file(path: str, cache_dir: str | None = None, use_cache: bool = True) -> SplitArrays:
     """Load an array file in either layout; images as uint8 [N, C, H, W].
 
@@ -152,9 +140,10 @@ def load_array_file(path: str, cache_dir: str | None = None, use_cache: bool = T
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for k, v in arrays.items():
-                _atomic_save(folder / f"{k}.npy", v)
+                with atomic_path(folder / f"{k}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, v)
             meta = {"source": str(p.resolve()), "class_names": names}
-            _atomic_write_text(meta_file, json.dumps(meta))  # written last: marks the cache complete
+            atomic_write_bytes(meta_file, json.dumps(meta).encode())  # written last: marks the cache complete
         except OSError:
             pass  # an unwritable cache only costs time
     return SplitArrays(**arrays, class_names=names, source=f"npz-jpeg:{p}")

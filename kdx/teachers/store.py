@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from kdx.io import CheckpointError, atomic_write_json, sha256_file
+from kdx.io import CheckpointError, atomic_path, atomic_write_json, sha256_file
 
 WEIGHTS, SIDECAR = "teacher.pt", "teacher.json"
 
@@ -64,9 +64,8 @@ class TeacherStore:
         """Copy ``weights`` into the store with its sidecar (atomically: weights first)."""
         d = self.entry_dir(dataset_key, arch)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{WEIGHTS}.tmp"
-        shutil.copyfile(weights, tmp)
-        os.replace(tmp, d / WEIGHTS)
+        with atomic_path(d / WEIGHTS) as tmp:
+            shutil.copyfile(weights, tmp)
         meta = dict(meta, sha256=sha256_file(d / WEIGHTS))
         atomic_write_json(d / SIDECAR, meta)
         return d / WEIGHTS
