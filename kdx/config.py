@@ -7,6 +7,7 @@ checked against the signature of each node's ``_target_``, and unknown top-level
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +54,28 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
             yield from _target_nodes(child, f"{path}[{i}]")
 
 
+def accepted_keys(target: Any) -> list[str] | None:
+    """The keyword arguments ``target`` accepts, or None when it takes arbitrary ones.
+
+    kdx's own classes may take ``**common`` and pass it on to their base class (the datamodules
+    share their loader/split/augmentation arguments this way): their accepted keys are then the
+    union along the class hierarchy, up to the first ``__init__`` without ``**kwargs``.
+    """
+    chain = [c for c in target.__mro__ if "__init__" in c.__dict__] if inspect.isclass(target) else [target]
+    names: list[str] = []
+    for fn in chain:
+        try:
+            params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
+        except (TypeError, ValueError):
+            return None
+        names += [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return list(dict.fromkeys(names))
+        if not (inspect.isclass(fn) and fn.__module__.startswith("kdx.")):
+            return None
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the setting for unknown keys and bad values."""
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
@@ -69,23 +92,17 @@ def validate(cfg: DictConfig) -> None:
             target = get_object(str(target_name))
         except Exception as e:
             raise ConfigError(f"{path}._target_={target_name!r} cannot be imported: {e}") from None
-        try:
-            sig = inspect.signature(target)
-        except (TypeError, ValueError):
-            continue
-        params = sig.parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        params = accepted_keys(target)
+        if params is None:  # open-ended (**kwargs passed on to code outside kdx)
             continue
         for key in node.keys():
             if key in SPECIAL_KEYS or key in params:
                 continue
-            import difflib
-
             close = difflib.get_close_matches(str(key), list(params), n=1)
             hint = f" Did you mean '{path}.{close[0]}'?" if close else ""
             raise ConfigError(
                 f"Unknown key '{path}.{key}' for {target_name}.{hint} Valid keys of {path}: "
-                f"{', '.join(k for k in params if k not in ('self',))}."
+                f"{', '.join(params)}."
             )
 
 

@@ -84,6 +84,14 @@ def test_unknown_optimizer_key_fails(tmp_path):
         validate(cfg)
 
 
+@pytest.mark.parametrize("data", ["synthetic", "cifar100", "fashion_mnist"])
+def test_datamodule_keys_are_checked_through_the_base_class(tmp_path, data):
+    """Datamodules pass **common on to ArrayDataModule: its arguments are valid keys, typos are not."""
+    validate(compose_cfg([f"data={data}", "data.batch_size=32", "data.subset=0.5"], tmp_path))
+    with pytest.raises(ConfigError, match=r"data.batchsize.*Did you mean 'data.batch_size'"):
+        validate(compose_cfg([f"data={data}", "+data.batchsize=32"], tmp_path))
+
+
 def test_unknown_top_level_key_and_task_fail(tmp_path):
     with pytest.raises(ConfigError, match="Unknown top-level"):
         validate(compose_cfg(["+epochs=3"], tmp_path))

@@ -50,25 +50,11 @@ class _CIFARDataModule(ArrayDataModule):
         npz_path: str | None = None,
         download: bool = True,
         cache_dir: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_split: float | int = 0,
-        split_seed: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-        subset: float | int | None = None,
-        test_subset: float | int | None = None,
-        drop_last: bool = False,
+        **common,
     ) -> None:
-        """Explicit keyword arguments (no **kwargs), so a misspelt config key fails; ``name`` defaults
-        to the dataset's own (cifar10 / cifar100)."""
-        super().__init__(
-            name=name or self.default_name, root=root, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            val_split=val_split, split_seed=split_seed, augment=augment, pad=pad, seed=seed,
-            num_workers=num_workers, subset=subset, test_subset=test_subset, drop_last=drop_last,
-        )
+        """``name`` defaults to the dataset's own (cifar10 / cifar100); ``common`` are
+        :class:`ArrayDataModule`'s arguments (batch size, splits, augmentation ...)."""
+        super().__init__(name=name or self.default_name, root=root, **common)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.source_mode = source

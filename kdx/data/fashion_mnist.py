@@ -37,23 +37,9 @@ class FashionMNISTDataModule(ArrayDataModule):
         root: str = "./data",
         name: str = "fashion_mnist",
         download: bool = True,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_split: float | int = 0,
-        split_seed: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-        subset: float | int | None = None,
-        test_subset: float | int | None = None,
-        drop_last: bool = False,
+        **common,
     ) -> None:
-        super().__init__(
-            name=name, root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split,
-            split_seed=split_seed, augment=augment, pad=pad, seed=seed, num_workers=num_workers,
-            subset=subset, test_subset=test_subset, drop_last=drop_last,
-        )
+        super().__init__(name=name, root=root, **common)
         self.download = bool(download)
         self._num_classes = 10
         self._class_names = list(FASHION_MNIST_CLASSES)

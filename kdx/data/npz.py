@@ -193,27 +193,12 @@ class ArrayFileDataModule(ArrayDataModule):
         mean: tuple[float, ...] | list[float] | None = None,
         std: tuple[float, ...] | list[float] | None = None,
         cache_dir: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_split: float | int = 0,
-        split_seed: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-        subset: float | int | None = None,
-        test_subset: float | int | None = None,
-        drop_last: bool = False,
+        **common,
     ) -> None:
         path = os.path.expanduser(str(path))
         if root is not None and not os.path.isabs(path) and os.path.exists(os.path.join(root, path)):
             path = os.path.join(root, path)
-        super().__init__(
-            name=name, root=root if root is not None else os.path.dirname(os.path.abspath(path)),
-            batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split,
-            split_seed=split_seed, augment=augment, pad=pad, seed=seed, num_workers=num_workers,
-            subset=subset, test_subset=test_subset, drop_last=drop_last,
-        )
+        super().__init__(name=name, root=root if root is not None else os.path.dirname(os.path.abspath(path)), **common)
         self.path = path
         self.cache_dir = cache_dir
         if (mean is None) != (std is None):
