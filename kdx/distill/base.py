@@ -3,14 +3,17 @@
 - :class:`ModelOutput`: what a network (student or teacher) gives a strategy: logits and,
   when a strategy asks for taps, a dict of named intermediate features.
 - :class:`Strategy`: ``(student_out, teacher_out, batch, epoch) -> {term: weighted loss}``. It
-  may own trainable modules (their parameters join the student's optimiser), declare the
-  feature taps it needs, and hold a transform of teacher logits (identity by default).
+  may own trainable modules (their parameters join the student's optimiser), ask for the
+  student's and the teacher's tapped features (``needs_features``), build modules whose shapes
+  depend on those features (``build_feature_modules``), and hold a transform of teacher logits
+  (identity by default).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -25,8 +28,14 @@ class Batch(NamedTuple):
 
 @dataclass
 class ModelOutput:
+    """Logits and, for strategies with ``needs_features``, the tapped features in tap order."""
+
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def feature_list(self) -> list[Tensor]:
+        return list(self.features.values())
 
 
 TeacherTransform = Callable[[Tensor, Tensor], Tensor]
@@ -38,13 +47,18 @@ class Strategy(nn.Module):
     Subclasses implement :meth:`loss_terms`. Class attributes:
 
     - ``needs_teacher``: whether the module must build a teacher (False for plain CE).
-    - ``student_taps`` / ``teacher_taps``: module names whose outputs the strategy needs
-      (empty for logit methods: no hooks are registered then).
+    - ``needs_features``: whether ``student.features`` / ``teacher.features`` must hold the
+      models' tapped features (``model.taps`` / ``teacher.model.taps``, else each model's
+      defaults; see :mod:`kdx.features`). False for logit methods: no hooks are registered then.
+
+    A strategy with ``needs_features`` gets :meth:`build_feature_modules` called once at build
+    time, with the feature shapes from a dry forward, before the optimiser exists (so the
+    modules it builds are trained with the student; the runner builds them after seeding, so
+    every DDP rank builds the same ones).
     """
 
     needs_teacher: bool = True
-    student_taps: tuple[str, ...] = ()
-    teacher_taps: tuple[str, ...] = ()
+    needs_features: bool = False
 
     def __init__(self, teacher_transform: Optional[TeacherTransform] = None) -> None:
         super().__init__()
@@ -55,6 +69,11 @@ class Strategy(nn.Module):
         if self.teacher_transform is None:
             return logits_teacher
         return self.teacher_transform(logits_teacher, target)
+
+    def build_feature_modules(
+        self, teacher_shapes: Sequence[torch.Size], student_shapes: Sequence[torch.Size]
+    ) -> None:
+        """Build the shape-dependent modules (shapes are ``B×C×H×W`` of each tap, in tap order)."""
 
     def loss_terms(
         self, student: ModelOutput, teacher: Optional[ModelOutput], batch: Batch, epoch: int

@@ -5,7 +5,7 @@ Zoo names are exact (case-sensitive); `timm/<name>` builds any timm model.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
 
@@ -38,13 +38,24 @@ def list_models() -> list[str]:
     return sorted(_ZOO)
 
 
-def create_model(name: str, num_classes: int, **kw) -> nn.Module:
+def create_model(name: str, num_classes: int, taps: Optional[Sequence[str]] = None, **kw) -> nn.Module:
     """Build zoo model `name` (or `timm/<timm name>`) with a `num_classes`-way classifier.
+
+    `taps` (config `model.taps`): the feature tap points of this model (module names) for
+    feature strategies (AFD/RTK); None keeps the model's defaults. Set as `model.taps`; the
+    names are checked when a strategy asks for features (see `kdx.features`).
 
     Zoo models take no other options apart from `pretrained=False` (they have no pretrained
     weights; teachers are loaded from checkpoints). For `timm/...`, `pretrained` and any other
     keyword go to `timm.create_model`.
     """
+    model = _create(name, num_classes, **kw)
+    if taps is not None:
+        model.taps = [taps] if isinstance(taps, str) else [str(t) for t in taps]
+    return model
+
+
+def _create(name: str, num_classes: int, **kw) -> nn.Module:
     if name.startswith(TIMM_PREFIX):
         return create_timm_model(name[len(TIMM_PREFIX) :], num_classes=num_classes, **kw)
     if name not in _ZOO:
@@ -61,7 +72,9 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
 
 
 def default_taps(model: nn.Module) -> list[str]:
-    """Default feature tap points of `model`, as keys of `dict(model.named_modules())`."""
+    """Default feature tap points of `model`, as keys of `dict(model.named_modules())`.
+
+    (`kdx.features.model_taps(model)` gives the configured `model.taps` when set, else these.)"""
     taps = getattr(model, "default_taps", None)
     if taps is not None:
         return list(taps)

@@ -1,0 +1,210 @@
+"""Feature taps: intermediate outputs of named modules, taken with forward hooks.
+
+No model's ``forward`` changes. A :class:`FeatureTaps` registers one forward hook per tap on the
+named modules of a network, once; a hook stores its module's output only inside
+``with taps.capture() as feats:``, so evaluation forwards (and any forward outside a capture)
+keep nothing, and a capture starts empty, so nothing carries over from one step to the next.
+After the block, ``feats`` holds the features in tap order (``{name: B×C×H×W tensor}``).
+
+Tap names are keys of ``dict(model.named_modules())``: ``model.taps=[...]`` in the config, or the
+model's defaults (:func:`kdx.models.default_taps`: every residual block for the CIFAR ResNets,
+the BN-ReLU of every block input plus the final BN-ReLU for the WRNs, ``feature_info`` modules
+for timm CNNs, ``blocks.i`` for timm ViTs). Token outputs of a ViT (``B×N×C``) are returned
+as maps ``B×C×H×W`` (prefix tokens - class, distillation, register - dropped; the grid from
+``patch_embed.grid_size``). A module whose output is a tuple gives its first element.
+
+Hooks are plain Python on submodules: they work inside DDP (which wraps the LightningModule,
+not the hooked submodules) and with ``torch.compile`` when registered before compiling.
+Nothing is registered for strategies that ask for no features (``Strategy.needs_features``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from kdx.config import ConfigError
+
+__all__ = ["FeatureTaps", "attach_feature_taps", "capture", "check_taps", "feature_shapes", "model_taps"]
+
+
+def model_taps(model: nn.Module) -> list[str]:
+    """The tap names of ``model``: ``model.taps`` (set from the config) else its defaults."""
+    from kdx.models import default_taps
+
+    taps = getattr(model, "taps", None)
+    return list(taps) if taps is not None else default_taps(model)
+
+
+def check_taps(model: nn.Module, names: Sequence[str], setting: str = "model.taps") -> None:
+    """Raise :class:`ConfigError` naming ``setting`` when a tap is not a module of ``model``."""
+    if isinstance(names, str) or not len(names):
+        raise ConfigError(f"{setting} must be a non-empty list of module names, got {names!r}.")
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if unknown or dup:
+        valid = [n for n in modules if n]
+        what = f"no module named {', '.join(map(repr, unknown))}" if unknown else f"duplicate tap(s) {dup}"
+        raise ConfigError(
+            f"{setting}: {type(model).__name__} has {what}. Set {setting}=[...] to names from this list "
+            f"(null: the model's defaults). Valid names ({len(valid)}): {', '.join(valid)}."
+        )
+
+
+def _token_grid(model: nn.Module) -> Optional[tuple[int, tuple[int, int]]]:
+    """(number of prefix tokens, (H, W) patch grid) for a timm ViT, else None."""
+    pe = getattr(model, "patch_embed", None)
+    grid = getattr(pe, "grid_size", None)
+    if pe is None or grid is None:
+        return None
+    return int(getattr(model, "num_prefix_tokens", 1)), (int(grid[0]), int(grid[1]))
+
+
+def tokens_to_map(x: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``B×N×C`` tokens → ``B×C×H×W`` (the first ``num_prefix`` tokens dropped)."""
+    b, n, c = x.shape
+    h, w = grid
+    if n - num_prefix != h * w:
+        raise ValueError(f"{n} tokens with {num_prefix} prefix tokens do not fill the {h}×{w} patch grid")
+    return x[:, num_prefix:].transpose(1, 2).reshape(b, c, h, w)
+
+
+class FeatureTaps:
+    """Forward hooks on ``names`` of ``model``; features are kept only inside :meth:`capture`.
+
+    ``setting`` names the config key of the tap list in errors (``model.taps`` or
+    ``teacher.model.taps``).
+    """
+
+    def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None, setting: str = "model.taps") -> None:
+        names = model_taps(model) if names is None else list(names)
+        check_taps(model, names, setting)
+        self.names: list[str] = list(names)
+        self.setting = setting
+        self._store: Optional[dict[str, Tensor]] = None  # a dict only while capturing
+        tokens = _token_grid(model)
+        self._to_map: Callable[[Tensor], Tensor] = (
+            (lambda t: tokens_to_map(t, *tokens) if t.ndim == 3 else t) if tokens else (lambda t: t)
+        )
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            store = self._store
+            if store is None:
+                return
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if name in store:
+                raise RuntimeError(
+                    f"Feature tap '{name}' ran twice in one forward (a module used more than once). "
+                    f"Tap a module that runs once per forward ({self.setting})."
+                )
+            store[name] = self._to_map(output)
+
+        return hook
+
+    @property
+    def capturing(self) -> bool:
+        return self._store is not None
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, Tensor]]:
+        """Collect the taps of the forward(s) run inside the block; ``feats`` is filled in tap order."""
+        if self._store is not None:
+            raise RuntimeError("FeatureTaps.capture() is not re-entrant")
+        feats: dict[str, Tensor] = {}
+        self._store = feats
+        try:
+            yield feats
+        finally:
+            self._store = None  # nothing is kept by the taps after the block
+        missing = [n for n in self.names if n not in feats]
+        if missing:
+            raise RuntimeError(
+                f"Feature tap(s) {missing} did not run in the forward pass; tap modules that the forward "
+                f"uses ({self.setting})."
+            )
+        ordered = {n: feats[n] for n in self.names}
+        feats.clear()
+        feats.update(ordered)
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"FeatureTaps({len(self.names)} taps, {self.setting})"
+
+
+def capture(taps: Optional[FeatureTaps]):
+    """``taps.capture()``, or a no-op context yielding ``{}`` when there are no taps."""
+    return taps.capture() if taps is not None else nullcontext({})
+
+
+@torch.no_grad()
+def feature_shapes(
+    model: nn.Module, taps: FeatureTaps, input_shape: Sequence[int], batch: int = 2
+) -> list[torch.Size]:
+    """Shapes (``B×C×H×W``, B = ``batch``) of the taps, from one forward of zeros in eval mode.
+
+    The model's mode is restored afterwards; BN running statistics are not touched (eval mode).
+    """
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(batch, *input_shape, device=device)
+    model.eval()
+    try:
+        with taps.capture() as feats:
+            model(x)
+    finally:
+        model.train(was_training)
+    return [feats[n].shape for n in taps.names]
+
+
+def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequence[int]):
+    """Hook the student's and the teacher's taps and build the strategy's shape-dependent modules.
+
+    Returns ``(student_taps, teacher_taps)``. Called by :func:`kdx.runner.build` at start-up for a
+    strategy with ``needs_features`` (after seeding, before the optimiser exists): unknown tap names
+    stop the run here, naming ``model.taps`` / ``teacher.model.taps``.
+    """
+    teacher_net = getattr(teacher, "feature_module", None) if teacher is not None else None
+    if teacher_net is None:
+        raise ConfigError(
+            f"{type(strategy).__name__} needs the teacher's intermediate features, but the teacher "
+            f"({type(teacher).__name__}) has no network to tap. Use a network teacher (teacher=net)."
+        )
+    student_taps = FeatureTaps(student, setting="model.taps")
+    teacher_taps = FeatureTaps(teacher_net, setting="teacher.model.taps")
+    strategy.build_feature_modules(
+        feature_shapes(teacher_net, teacher_taps, input_shape), feature_shapes(student, student_taps, input_shape)
+    )
+    return student_taps, teacher_taps
+
+
+def check_config_taps(cfg, num_classes: int) -> None:
+    """Check ``model.taps`` and ``teacher.model.taps`` on throwaway builds of the two architectures.
+
+    Runs at start-up before a teacher is looked up (or trained), so a misspelt tap stops the run
+    at once rather than after a teacher has been trained.
+    """
+    from hydra.utils import instantiate
+
+    nodes = [("model", cfg.model)]
+    if cfg.get("teacher") is not None and cfg.teacher.get("model") is not None:
+        nodes.append(("teacher.model", cfg.teacher.model))
+    for setting, node in nodes:
+        model = instantiate(node, num_classes=num_classes)
+        check_taps(model, model_taps(model), f"{setting}.taps")
