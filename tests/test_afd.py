@@ -276,6 +276,24 @@ def _tap(net, name, x):
     return out["v"]
 
 
+def test_afd_resume_is_exact(tmp_path):
+    """The attention module is rebuilt before the checkpoint loads: resuming equals an uninterrupted run."""
+    from kdx.runner import run
+
+    common = TINY + ["distill=afd", "trainer.deterministic=true", "scheduler.milestones=[1]", "seed=5"]
+    run(compose_cfg(common + ["task=train"], tmp_path, name="teacher_run"))
+    common += [f"teacher.ckpt={tmp_path / 'teacher_run' / 'teacher.pt'}"]
+    run(compose_cfg(common + ["trainer.max_epochs=2"], tmp_path, name="straight"))
+    run(compose_cfg(common + ["trainer.max_epochs=1"], tmp_path, name="part"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    run(compose_cfg(common + ["trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path, name="part"))
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(last, weights_only=False)["state_dict"]
+    assert any(k.startswith("strategy.feature_loss.") for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("pair", ["wrn40_2_wrn16_2", "res32x4_res8x4"])
 @pytest.mark.parametrize("method", ["afd", "rtk"])
 def test_experiment_recipes_compose(tmp_path, method, pair):
