@@ -206,5 +206,6 @@ def check_config_taps(cfg, num_classes: int) -> None:
     if cfg.get("teacher") is not None and cfg.teacher.get("model") is not None:
         nodes.append(("teacher.model", cfg.teacher.model))
     for setting, node in nodes:
-        model = instantiate(node, num_classes=num_classes)
+        extra = {"pretrained": False} if "pretrained" in node else {}  # names only: no weights needed
+        model = instantiate(node, num_classes=num_classes, **extra)
         check_taps(model, model_taps(model), f"{setting}.taps")
