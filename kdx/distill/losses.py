@@ -60,3 +60,36 @@ def dkd_loss(
     """DKD: ``α·TCKD + β·NCKD`` (no CE, no warm-up)."""
     tckd, nckd = dkd_terms(logits_student, logits_teacher, target, temperature)
     return alpha * tckd + beta * nckd
+
+
+def reffakd_terms(
+    logits_student: Tensor,
+    target: Tensor,
+    soft_targets: Tensor,
+    alpha: float,
+    temperature: float,
+    float64: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """ReffAKD's weighted (soft, hard) terms (METHODS.md §5 step C, official code).
+
+    ``soft = α·T²·(1/B)Σ_b −Σ_c q_bc·log softmax(z_s/T)_bc`` (the soft labels ``q`` are not
+    re-tempered) and ``hard = (1−α)·CE(z_s, y)``; computed in float64 when ``float64`` (as official).
+    """
+    dtype = torch.float64 if float64 else torch.promote_types(logits_student.dtype, torch.float32)
+    z = logits_student.to(dtype)
+    q = soft_targets.to(dtype)
+    soft = -(q * F.log_softmax(z / temperature, dim=1)).sum(dim=1).mean() * temperature**2
+    return alpha * soft, (1.0 - alpha) * F.cross_entropy(z, target)
+
+
+def reffakd_loss(
+    logits_student: Tensor,
+    target: Tensor,
+    soft_targets: Tensor,
+    alpha: float,
+    temperature: float,
+    float64: bool = True,
+) -> Tensor:
+    """ReffAKD: ``α·T²·softCE(z_s/T, q) + (1−α)·CE(z_s, y)`` with ``q = soft_targets`` (batch rows)."""
+    soft, hard = reffakd_terms(logits_student, target, soft_targets, alpha, temperature, float64)
+    return soft + hard

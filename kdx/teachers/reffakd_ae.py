@@ -1,0 +1,451 @@
+"""ReffAKD stage A (METHODS.md §5, steps A and B): the autoencoder and the soft-label table.
+
+``python -m kdx task=reffakd_ae teacher=reffakd data=cifar100`` (settings under ``teacher.ae.*``):
+
+1. Train :class:`ReffAE` (the official 47,355-parameter autoencoder) with MSE between the
+   reconstruction and the *normalised* input (per-channel mean/std of this training split; the
+   decoder ends in a sigmoid, a quirk of the official code kept as is). SGD lr 0.1, momentum 0.9,
+   wd 5e-4, batch 128, 200 epochs, MultiStepLR [60, 120, 160] γ 0.2, RandomCrop(32, 4) + flip +
+   RandomRotation(15°); the weights with the best test MSE are kept. A plain PyTorch loop (the
+   model is tiny); augmentation is a function of ``(seed, epoch, index)`` like kdx's datamodules.
+2. Pick ``samples_per_class`` (40) samples of every class with ``random.Random(selection_seed)``
+   (42), embed them with the encoder (768-d for 32×32) — augmented as the official code does
+   (``embed_augmented``, default) with the augmentation draw of epoch ``epochs`` — and build
+   ``A = class_similarity(...)`` and ``Q = soft_labels(A)``. Only the selected samples are
+   embedded: the official code embeds the whole training set and then picks, which gives the same
+   embeddings for the picked samples here (our augmentation does not depend on the order).
+3. Save the artifact ``paths.teachers/<dataset>/reffakd-<hash of the settings>/`` (``ae.pt``,
+   ``table.pt`` = {A, Q}, ``reffakd.json`` with settings and timings, ``similarity.png``), atomically,
+   and the heat-map of ``A`` in the run folder (logged to W&B with the W&B logger).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from kdx.data.augment import apply_crop_flip, crop_flip_params, hash_uniform32
+from kdx.io import atomic_path, atomic_torch_save, atomic_write_json, sha256_file
+from kdx.teachers.reffakd import AE_WEIGHTS, HEATMAP, META, TABLE, class_similarity, soft_labels
+from kdx.teachers.store import TeacherStore
+
+log = logging.getLogger("kdx")
+
+#: the stage-A settings (``teacher.ae``) with the official defaults; all but ``eval_batch_size`` key the artifact
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "epochs": 200,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5.0e-4,
+    "milestones": [60, 120, 160],
+    "gamma": 0.2,
+    "pad": 4,
+    "rotation": 15.0,
+    "samples_per_class": 40,
+    "selection_seed": 42,
+    "diag_bonus": 0.0225,
+    "embed_augmented": True,
+    "seed": 0,
+    "eval_batch_size": 1000,
+}
+_NOT_KEYED = ("eval_batch_size",)
+
+
+class ReffAE(nn.Module):
+    """The official ReffAKD autoencoder: 3 stride-2 convs (12, 24, 48 channels) and their mirror.
+
+    ``encode(x)`` is the flattened ``[B, 48·H/8·W/8]`` embedding (768-d for 32×32).
+    """
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, 12, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(12, 24, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(24, 48, 4, stride=2, padding=1), nn.ReLU(),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(48, 24, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(24, 12, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(12, in_channels, 4, stride=2, padding=1), nn.Sigmoid(),
+        )
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def ae_settings(node: Any) -> dict[str, Any]:
+    """``teacher.ae`` as a plain dict over the defaults; unknown keys stop with the valid ones."""
+    given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    unknown = set(given) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise ValueError(f"Unknown teacher.ae key(s) {sorted(unknown)}; valid: {', '.join(DEFAULT_SETTINGS)}.")
+    s = {**DEFAULT_SETTINGS, **given}
+    for key in ("epochs", "batch_size", "samples_per_class", "eval_batch_size"):
+        if int(s[key]) < 1:
+            raise ValueError(f"teacher.ae.{key}={s[key]!r} must be >= 1.")
+    return s
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    keyed = {k: v for k, v in sorted(settings.items()) if k not in _NOT_KEYED}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def artifact_name(settings: dict[str, Any]) -> str:
+    """The store entry name of a table: ``reffakd-<short hash of the settings>``."""
+    return f"reffakd-{settings_hash(settings)}"
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image of ``x`` ``[B, C, H, W]`` about its centre (nearest, zero fill, no expand)."""
+    theta = degrees.to(torch.float32) * (math.pi / 180.0)
+    c, s = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(c)
+    mat = torch.stack([torch.stack([c, -s, zero], 1), torch.stack([s, c, zero], 1)], 1).to(x.device)
+    grid = F.affine_grid(mat, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def rotation_degrees(seed: int, epoch: int, idx: Tensor, max_degrees: float) -> Tensor:
+    """Per-sample angles uniform in ``[-max, max]`` from the ``(seed, epoch, idx)`` hash (stream 3)."""
+    u = hash_uniform32(seed, epoch, idx, 3).to(torch.float64) / 2.0**32
+    return ((2.0 * u - 1.0) * float(max_degrees)).to(torch.float32)
+
+
+def augment(x_uint8: Tensor, idx: Tensor, seed: int, epoch: int, pad: int, rotation: float) -> Tensor:
+    """RandomCrop(pad) + HorizontalFlip + RandomRotation(rotation) of a uint8 batch → float in [0, 255]."""
+    x = x_uint8
+    if pad > 0:
+        dx, dy, flip = crop_flip_params(seed, epoch, idx, pad)
+        x = apply_crop_flip(x, dx, dy, flip, pad)
+    x = x.float()
+    if rotation:
+        x = rotate(x, rotation_degrees(seed, epoch, idx, rotation))
+    return x
+
+
+def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Float pixels in [0, 255] → ``(x/255 − mean)/std`` per channel."""
+    return (x / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def pixel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact per-channel mean and std (of pixel/255) of a uint8 ``[N, C, H, W]`` tensor."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for i in range(0, len(x), 8192):
+        b = x[i:i + 8192].to(torch.float64) / 255.0
+        s += b.sum(dim=(0, 2, 3))
+        s2 += (b * b).sum(dim=(0, 2, 3))
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / m
+    return mean.float(), (s2 / m - mean**2).clamp_min(0).sqrt().float()
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    acc = str(cfg.get("trainer", {}).get("accelerator", "auto"))
+    if acc == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _arrays(dm: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    train, test = dm.train_dataset, dm.test_dataset
+    if not (hasattr(train, "x") and hasattr(train, "y")):
+        raise ValueError(
+            f"ReffAKD stage A needs an in-memory datamodule (uint8 arrays); data={dm.name} "
+            f"({type(dm).__name__}) does not provide one. Use an array-backed data config."
+        )
+    x = train.x
+    if x.shape[-1] % 8 or x.shape[-2] % 8:
+        raise ValueError(
+            f"The ReffAKD autoencoder halves the image three times: image sides must be multiples of 8, "
+            f"data={dm.name} has {tuple(x.shape[-2:])}."
+        )
+    return train.x, train.y, test.x, test.y
+
+
+@torch.no_grad()
+def test_mse(ae: ReffAE, x: Tensor, mean: Tensor, std: Tensor, batch: int, device: torch.device) -> float:
+    ae.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(x), batch):
+        xb = normalise(x[i:i + batch].to(device).float(), mean, std)
+        total += float(F.mse_loss(ae(xb), xb, reduction="sum"))
+        n += xb.numel()
+    return total / max(n, 1)
+
+
+def train_autoencoder(
+    x_train: Tensor, x_test: Tensor, s: dict[str, Any], device: torch.device, logger: Any = None
+) -> tuple[ReffAE, dict[str, Any]]:
+    """Train the AE with the official recipe; returns the best-test-MSE model and a record."""
+    torch.manual_seed(int(s["seed"]))
+    mean, std = (t.to(device) for t in pixel_stats(x_train))
+    ae = ReffAE(x_train.shape[1]).to(device)
+    opt = torch.optim.SGD(ae.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s["milestones"]), gamma=s["gamma"])
+    n, bs = len(x_train), int(s["batch_size"])
+    best = {"mse": float("inf"), "epoch": None, "state": None}
+    history = []
+    t0 = time.time()
+    for epoch in range(int(s["epochs"])):
+        ae.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(s["seed"]) * 100003 + epoch))
+        run_loss, seen = 0.0, 0
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            xb = augment(x_train[idx].to(device), idx.to(device), int(s["seed"]), epoch, int(s["pad"]), float(s["rotation"]))
+            xb = normalise(xb, mean, std)
+            loss = F.mse_loss(ae(xb), xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        sched.step()
+        mse = test_mse(ae, x_test, mean, std, int(s["eval_batch_size"]), device)
+        row = {"epoch": epoch + 1, "train_mse": run_loss / max(seen, 1), "test_mse": mse}
+        history.append(row)
+        if logger is not None:
+            logger.log_metrics({"ae/train_mse": row["train_mse"], "ae/test_mse": mse}, step=epoch + 1)
+        if mse < best["mse"]:
+            best = {"mse": mse, "epoch": epoch + 1, "state": copy.deepcopy(ae.state_dict())}
+        if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == int(s["epochs"]):
+            log.info("ReffAKD AE epoch %d/%d: train MSE %.5f, test MSE %.5f", epoch + 1, s["epochs"], row["train_mse"], mse)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ae.load_state_dict(best["state"])
+    record = {
+        "ae_train_time_s": round(time.time() - t0, 3),
+        "best_test_mse": best["mse"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+    }
+    return ae, record
+
+
+def select_per_class(labels: Tensor, num_classes: int, per_class: int, seed: int) -> Tensor:
+    """``per_class`` sample positions of every class (in class order), ``random.Random(seed).sample``."""
+    rng = random.Random(int(seed))
+    y = labels.tolist()
+    pools: list[list[int]] = [[] for _ in range(num_classes)]
+    for i, c in enumerate(y):
+        pools[c].append(i)
+    picked: list[int] = []
+    for c, pool in enumerate(pools):
+        if len(pool) < per_class:
+            raise ValueError(
+                f"Class {c} has {len(pool)} training samples, fewer than teacher.ae.samples_per_class={per_class}. "
+                "Lower teacher.ae.samples_per_class or use more data (data.subset)."
+            )
+        picked += rng.sample(pool, per_class)
+    return torch.tensor(picked, dtype=torch.int64)
+
+
+@torch.no_grad()
+def embed(ae: ReffAE, x: Tensor, idx: Tensor, s: dict[str, Any], mean: Tensor, std: Tensor, device: torch.device) -> Tensor:
+    """Encoder embeddings of samples ``idx`` (augmented with the epoch-``epochs`` draw when ``embed_augmented``)."""
+    ae.eval()
+    out = []
+    bs = int(s["eval_batch_size"])
+    for i in range(0, len(idx), bs):
+        j = idx[i:i + bs]
+        xb = x[j].to(device)
+        if s["embed_augmented"]:
+            xb = augment(xb, j.to(device), int(s["seed"]), int(s["epochs"]), int(s["pad"]), float(s["rotation"]))
+        out.append(ae.encode(normalise(xb.float(), mean, std)).cpu())
+    return torch.cat(out)
+
+
+def save_heatmap(A: Tensor, class_names: list[str], path: Path, title: str = "") -> Path:
+    """Heat-map of ``A`` (classes in order; tick labels = class names when C ≤ 100)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = A.shape[0]
+    size = min(max(6.0, 0.13 * c), 16.0)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(A.cpu().numpy(), cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if c <= 100:
+        fs = max(3.0, min(9.0, 500.0 / c))
+        ax.set_xticks(range(c))
+        ax.set_yticks(range(c))
+        ax.set_xticklabels(class_names[:c], rotation=90, fontsize=fs)
+        ax.set_yticklabels(class_names[:c], fontsize=fs)
+    ax.set_title(title or "ReffAKD class similarity A")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ stage A
+
+
+def _stage_cfg(cfg: DictConfig, out: Path) -> DictConfig:
+    """The run's config with its outputs (and the logger's) moved to ``out``."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c["task"] = "reffakd_ae"
+    c.setdefault("paths", {})["output_dir"] = str(out)
+    if isinstance(c.get("logger"), dict) and "save_dir" in c["logger"]:
+        c["logger"]["save_dir"] = str(out)
+    return OmegaConf.create(c)
+
+
+def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: bool = True) -> dict[str, Any]:
+    """Stage A: train the AE, build ``A`` and ``Q``, save the artifact; returns the stage's results."""
+    from kdx.callbacks import build_logger
+    from kdx.runner import close_logger, dataset_key, git_revision, instantiate_unwrapped
+
+    if "ae" not in cfg.get("teacher", {}):
+        from kdx.config import ConfigError
+
+        raise ConfigError(
+            "task=reffakd_ae trains the ReffAKD autoencoder configured by the reffakd teacher: add teacher=reffakd "
+            "(its settings are teacher.ae.*)."
+        )
+    s = ae_settings(cfg.teacher.ae)
+    out = Path(output_dir or cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _stage_cfg(cfg, out)
+    dm = instantiate_unwrapped(cfg.data)
+    if hasattr(dm, "prepare_data"):
+        dm.prepare_data()
+    dm.setup("fit")
+    key, num_classes = dataset_key(dm), int(dm.num_classes)
+    x_train, y_train, x_test, _ = _arrays(dm)
+    device = _device(cfg)
+    name = artifact_name(s)
+    store = TeacherStore(cfg.paths.teachers)
+    entry = store.entry_dir(key, name)
+    info = {"method": "reffakd_ae", "dataset": key, "pair": "reffakd_ae", "seed": int(s["seed"])}
+    logger = build_logger(cfg, info)
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    log.info("ReffAKD stage A on %s (%d training images, %s): %s epochs → %s", key, len(x_train), device,
+             s["epochs"], entry)
+    try:
+        if logger is not None:
+            logger.log_hyperparams({"teacher": {"ae": s}, "data": OmegaConf.to_container(cfg.data, resolve=True)})
+        ae, record = train_autoencoder(x_train, x_test, s, device, logger)
+        t1 = time.time()
+        picked = select_per_class(y_train, num_classes, int(s["samples_per_class"]), int(s["selection_seed"]))
+        mean, std = torch.tensor(record["mean"], device=device), torch.tensor(record["std"], device=device)
+        emb = embed(ae, x_train, picked, s, mean, std, device)
+        t_embed = time.time() - t1
+        A = class_similarity(emb, y_train[picked], num_classes, float(s["diag_bonus"]))
+        Q = soft_labels(A)
+        build_time = time.time() - t1
+        class_names = list(getattr(dm, "class_names", []) or [str(i) for i in range(num_classes)])
+        png = save_heatmap(A, class_names, out / HEATMAP, f"ReffAKD class similarity A ({key})")
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            logger.experiment.log({"reffakd/similarity": wandb.Image(str(png))})
+        meta = {
+            "kind": "reffakd",
+            "dataset": key,
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "settings": s,
+            "settings_hash": settings_hash(s),
+            "ae_params": num_params(ae),
+            "embedding_dim": int(emb.shape[1]),
+            "ae_train_time_s": record["ae_train_time_s"],
+            "embed_time_s": round(t_embed, 3),
+            "soft_label_build_time_s": round(build_time, 3),
+            "best_test_mse": record["best_test_mse"],
+            "best_epoch": record["best_epoch"],
+            "normalisation": {"mean": record["mean"], "std": record["std"]},
+            "num_selected": int(len(picked)),
+            "device": str(device),
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "git": git_revision(),
+        }
+
+        def save() -> None:
+            entry.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({k: v.detach().cpu() for k, v in ae.state_dict().items()}, entry / AE_WEIGHTS)
+            atomic_torch_save({"A": A.cpu(), "Q": Q.cpu()}, entry / TABLE)
+            with atomic_path(entry / HEATMAP) as tmp:
+                shutil.copyfile(png, tmp)
+            meta.update(table_sha256=sha256_file(entry / TABLE), ae_sha256=sha256_file(entry / AE_WEIGHTS))
+            atomic_write_json(entry / META, meta)  # last: its presence marks a complete artifact
+
+        if lock:
+            with store.lock(key, name):
+                save()
+        else:
+            save()
+    except BaseException:
+        close_logger(logger, "failed")
+        raise
+    results = {
+        "status": "complete",
+        "task": "reffakd_ae",
+        "method": "reffakd_ae",
+        "dataset": key,
+        "data": dm.describe() if hasattr(dm, "describe") else {"name": key},
+        "artifact": str(entry),
+        "heatmap": str(out / HEATMAP),
+        **{k: meta[k] for k in ("settings", "settings_hash", "ae_params", "embedding_dim", "best_test_mse",
+                                "best_epoch", "num_selected", "device")},
+        "resources": {k: meta[k] for k in ("ae_params", "ae_train_time_s", "embed_time_s", "soft_label_build_time_s")},
+        "started": started,
+        "git": meta["git"],
+        "output_dir": str(out),
+        "history": record["history"],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    atomic_write_json(out / "results.json", results)
+    close_logger(logger, "success")
+    log.info("ReffAKD stage A done: AE %d params, best test MSE %.5f (epoch %s), %.1f s; table %s",
+             meta["ae_params"], meta["best_test_mse"], meta["best_epoch"], meta["ae_train_time_s"], entry)
+    return results
+
+
+def run_stage_a(cfg: DictConfig) -> dict[str, Any]:
+    """``task=reffakd_ae``: validate the config, then :func:`build_artifact` in the run folder."""
+    from kdx.config import resolved, validate
+
+    validate(cfg)
+    cfg = resolved(cfg)
+    return build_artifact(cfg, Path(cfg.paths.output_dir))
