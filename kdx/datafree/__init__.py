@@ -1,0 +1,1 @@
+"""Data-free distillation: NAYER (generator, losses, memory bank, label-text embeddings, module)."""
