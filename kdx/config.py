@@ -21,7 +21,7 @@ TOP_LEVEL_KEYS = {
     "train", "recipe", "paper", "hydra",
 }
 SPECIAL_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-TASKS = ("distill", "train")
+TASKS = ("distill", "train", "reffakd_ae")
 
 
 class ConfigError(ValueError):

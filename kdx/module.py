@@ -16,6 +16,7 @@ import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdx.distill.base import Batch, ModelOutput, Strategy
+from kdx.features import FeatureTaps, capture
 from kdx.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,15 @@ class DistillModule(pl.LightningModule):
         has_heldout_val: bool = False,
         channels_last: bool = False,
         check_finite: bool = True,
+        student_taps: Optional[FeatureTaps] = None,
+        teacher_taps: Optional[FeatureTaps] = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.strategy = strategy
         object.__setattr__(self, "teacher", teacher)  # deliberately not a registered submodule
+        # feature hooks (kdx.features), only when the strategy asks: they capture in training_step only
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.num_classes = num_classes
@@ -95,9 +100,12 @@ class DistillModule(pl.LightningModule):
         epoch = self.current_epoch + 1  # strategies see 1-based epochs
         teacher_out = None
         if self.teacher is not None:
-            raw = self.teacher(x, y, idx)
-            teacher_out = ModelOutput(self.strategy.transform_teacher(raw.logits, y), raw.features)
-        student_out = ModelOutput(self.student(x))
+            with capture(self.teacher_taps) as teacher_feats:
+                raw = self.teacher(x, y, idx)
+            teacher_out = ModelOutput(self.strategy.transform_teacher(raw.logits, y), {**raw.features, **teacher_feats})
+        with capture(self.student_taps) as student_feats:
+            logits = self.student(x)
+        student_out = ModelOutput(logits, student_feats)
         terms = self.strategy(student_out, teacher_out, batch, epoch)
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         if self.check_finite:
@@ -126,11 +134,17 @@ class DistillModule(pl.LightningModule):
                f"optim.lr)." if last_good else "No checkpoint was saved yet (the first epoch did not finish).")
         )
 
-    def on_train_epoch_end(self) -> None:
-        n = max(self._train_loss_n, 1)
-        self._epoch_train_loss = float(self.trainer.strategy.reduce(self._train_loss_sum / n, reduce_op="mean"))
+    def _close_train_loss(self) -> None:
+        """The epoch's mean training loss (over ranks), once per epoch; a no-op when no step ran since."""
+        if self._train_loss_n == 0:
+            return
+        mean = self._train_loss_sum / self._train_loss_n
+        self._epoch_train_loss = float(self.trainer.strategy.reduce(mean, reduce_op="mean"))
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_loss_n = 0
+
+    def on_train_epoch_end(self) -> None:
+        self._close_train_loss()  # (already closed when this epoch's validation ran first)
 
     # ------------------------------------------------------------------ evaluation
     def _test_loader_idx(self) -> int:
@@ -156,6 +170,10 @@ class DistillModule(pl.LightningModule):
                 m.reset()
             return
         epoch = self.current_epoch + 1
+        # Lightning validates inside the training epoch, before on_train_epoch_end: close this epoch's
+        # training loss here so that the history row holds this epoch's value, not the previous one.
+        self._epoch_train_loss = None
+        self._close_train_loss()
         val1 = float(self.val_top1[0].compute()) * 100
         val5 = float(self.val_top5[0].compute()) * 100
         test1 = float(self.val_top1[1].compute()) * 100 if self.has_heldout_val else val1

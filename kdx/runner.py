@@ -103,7 +103,8 @@ def _teacher(cfg: DictConfig, ctx: RunContext):
     cls = get_class(tcfg._target_)
     extra = cls.prepare(cfg, ctx) if hasattr(cls, "prepare") else {}
     if "model" in tcfg:
-        extra["model"] = {"num_classes": ctx.num_classes}
+        # a teacher without a network (a label table) gets model=None, so the node is never built
+        extra["model"] = {"num_classes": ctx.num_classes} if getattr(cls, "has_network", True) else None
     return instantiate_unwrapped(tcfg, **extra)
 
 
@@ -150,37 +151,59 @@ def build(cfg: DictConfig) -> Job:
         dm.setup("fit")  # idempotent: Lightning's own call later reuses the loaded arrays
     ctx = RunContext(cfg=cfg, dataset_key=dataset_key(dm), num_classes=int(dm.num_classes), output_dir=out)
     strategy = _strategy(cfg, is_train)
+    if getattr(strategy, "needs_features", False):  # a wrong tap name stops here, before any teacher training
+        from kdx.features import check_config_taps
+
+        check_config_taps(cfg, ctx.num_classes)
     teacher = _teacher(cfg, ctx) if strategy.needs_teacher else None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init with or without a teacher
     student = instantiate_unwrapped(cfg.model, num_classes=ctx.num_classes)
+    student_taps = teacher_taps = None
+    if getattr(strategy, "needs_features", False):  # hooks + shape-dependent modules, before the optimiser
+        from kdx.features import attach_feature_taps
+
+        student_taps, teacher_taps = attach_feature_taps(strategy, student, teacher, dm.image_shape)
 
     scheduler = None
     if cfg.get("scheduler") and cfg.scheduler.get("_target_"):
         scheduler = instantiate(cfg.scheduler)
-    module = DistillModule(
-        student=student,
-        strategy=strategy,
-        optimizer=instantiate(cfg.optim),
-        scheduler=scheduler,
-        num_classes=ctx.num_classes,
-        teacher=teacher,
-        has_heldout_val=bool(getattr(dm, "val_split", 0)),
-        channels_last=bool(cfg.perf.channels_last),
-        check_finite=bool(cfg.perf.check_finite),
-    )
+    trainer_extra: dict[str, Any] = {}
+    if getattr(strategy, "data_free", False):  # NAYER: generator + memory bank instead of the training split
+        from kdx.datafree.module import build_data_free
+
+        module, dm, trainer_extra = build_data_free(cfg, strategy, student, teacher, dm, out)
+    else:
+        module = DistillModule(
+            student=student,
+            strategy=strategy,
+            optimizer=instantiate(cfg.optim),
+            scheduler=scheduler,
+            num_classes=ctx.num_classes,
+            teacher=teacher,
+            has_heldout_val=bool(getattr(dm, "val_split", 0)),
+            channels_last=bool(cfg.perf.channels_last),
+            check_finite=bool(cfg.perf.check_finite),
+            student_taps=student_taps,
+            teacher_taps=teacher_taps,
+        )
     method = "none" if is_train else str(cfg.method)
     pair = cfg.model.name if teacher is None else f"{teacher.info.get('arch') or 'teacher'}-{cfg.model.name}"
     info = {"method": method, "dataset": ctx.dataset_key, "pair": pair, "seed": int(cfg.seed)}
     logger = build_logger(cfg, info)
     callbacks = build_callbacks(cfg, out, with_logger=logger is not None)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, default_root_dir=str(out)
+        cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, default_root_dir=str(out),
+        **trainer_extra,
     )
     return Job(cfg, ctx, dm, module, trainer, logger, is_train, method, pair)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job (``task=distill`` or ``task=train``) and return what ``results.json`` holds."""
+    if cfg.get("task") == "reffakd_ae":  # ReffAKD stage A: the autoencoder and its soft-label table
+        from kdx.teachers.reffakd_ae import run_stage_a
+
+        return run_stage_a(cfg)
     job = build(cfg)
     cfg, ctx, dm, module, trainer, logger = job.cfg, job.ctx, job.datamodule, job.module, job.trainer, job.logger
     is_train, method, pair, out = job.is_train, job.method, job.pair, ctx.output_dir
@@ -220,6 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_selected_on": "held-out validation split" if module.has_heldout_val else "test split (mdistiller protocol)",
         "teacher_acc1": module.teacher_acc1,
         "teacher_info": None if teacher is None else teacher.info,
+        "resources": _resources(module, wall),
         "wall_time_s": round(wall, 2),
         "started": started,
         "resumed_from": cfg.get("ckpt_path"),
@@ -230,6 +254,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "history": module.history,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if hasattr(module, "results_extra"):  # e.g. NAYER's memory bank and synthesis time
+        results.update(module.results_extra())
     if trainer.is_global_zero:
         _export(trainer, module, cfg, ctx, results, is_train, dm)
         atomic_write_json(out / "results.json", results)
@@ -243,6 +269,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["teacher_path"] = str(out / "teacher.pt")
         results["teacher_meta"] = _read_json(out / "teacher.json")
     return results
+
+
+def _resources(module: DistillModule, wall: float) -> dict[str, Any]:
+    """Parameter counts and times of the run; a teacher adds its own (e.g. ReffAKD's AE and table build)."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    res: dict[str, Any] = {"student_params": count(module.student), "strategy_params": count(module.strategy),
+                           "fit_and_test_time_s": round(wall, 2)}
+    if module.teacher is not None:
+        res["teacher_params"] = count(module.teacher)
+        res.update(getattr(module.teacher, "resources", None) or {})
+    return res
 
 
 def close_logger(logger: Any, status: str) -> None:

@@ -230,3 +230,19 @@ def test_fast_paths_run_kd(tmp_path, tiny, extra):
     # the exported student is a plain fp32 state dict whatever the precision or memory format
     sd = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
+
+
+def test_history_train_loss_is_the_same_epochs_mean(tmp_path, tiny):
+    """Each history row's train_loss is the mean of that epoch's logged step losses (not the previous epoch's)."""
+    import csv
+
+    res = run(compose_cfg(tiny + ["task=train", "trainer.max_epochs=2", "logger=csv"], tmp_path))
+    (metrics,) = list((tmp_path / "run").rglob("metrics.csv"))
+    steps: dict[int, list[float]] = {}
+    for row in csv.DictReader(metrics.open()):
+        if row.get("train/loss"):
+            steps.setdefault(int(row["epoch"]), []).append(float(row["train/loss"]))
+    assert sorted(steps) == [0, 1] and all(len(v) == 4 for v in steps.values())  # 128 images / batch 32
+    for row in res["history"]:
+        losses = steps[row["epoch"] - 1]
+        assert row["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)

@@ -264,10 +264,7 @@ class DataFreeModule(DistillModule):
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        if self._train_loss_n == 0:  # a warm-up epoch: no student step, no training loss
-            self._epoch_train_loss = None
-        else:
-            super().on_train_epoch_end()
+        super().on_train_epoch_end()  # a warm-up epoch has no student step: its history row has no train_loss
         sch = self.lr_schedulers()
         if sch is not None:
             with warnings.catch_warnings():  # warm-up epochs step the schedule without an optimiser step

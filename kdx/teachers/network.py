@@ -58,6 +58,11 @@ class NetworkTeacher(Teacher):
     def train(self, mode: bool = True) -> "NetworkTeacher":
         return super().train(False)  # frozen: BN uses running statistics, always
 
+    @property
+    def feature_module(self) -> nn.Module:
+        """The network that feature taps hook (``teacher.model.taps``); see :mod:`kdx.features`."""
+        return self.net
+
     @torch.no_grad()
     def forward(self, x, y=None, idx=None) -> ModelOutput:
         return ModelOutput(self.net(x))

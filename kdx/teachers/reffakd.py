@@ -97,6 +97,7 @@ class ReffAKDTeacher(Teacher):
     """Soft-label table teacher: ``forward(x, y, idx) -> ModelOutput(T·log Q[y])``."""
 
     measures_accuracy = False
+    has_network = False  # a label table: a teacher model set by an experiment is ignored
 
     def __init__(
         self,
@@ -107,7 +108,10 @@ class ReffAKDTeacher(Teacher):
         dataset_key: Optional[str] = None,
         num_classes: Optional[int] = None,
         built_in_run: bool = False,
+        model: Any = None,
     ) -> None:
+        # ``model``: the table has no network. An experiment that sets ``model@teacher.model=...`` (e.g.
+        # experiment=quickstart) still composes with teacher=reffakd; the runner does not build it.
         super().__init__()
         if artifact is None:
             raise CheckpointError("No ReffAKD artifact: set teacher.artifact=<folder> (or let kdx build one).")
