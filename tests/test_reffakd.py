@@ -212,6 +212,13 @@ def test_teacher_temperature_follows_the_loss(tmp_path):
     cfg = compose_cfg(BASE + ["distill=dkd", "teacher=reffakd"], tmp_path)
     assert cfg.teacher._target_.endswith("ReffAKDTeacher") and cfg.teacher.temperature == 4.0
     assert compose_cfg(BASE + ["distill=reffakd", "teacher=net"], tmp_path).teacher._target_.endswith("NetworkTeacher")
+    from kdx.config import validate
+
+    recipe = compose_cfg(["experiment=cifar100/reffakd/resnet18"], tmp_path)
+    validate(recipe)
+    assert recipe.teacher._target_.endswith("ReffAKDTeacher") and recipe.distill._target_.endswith("ReffAKD")
+    assert (recipe.model.name, recipe.optim.lr, recipe.data.batch_size, recipe.trainer.max_epochs) == ("ResNet18", 0.1, 128, 200)
+    assert list(recipe.scheduler.milestones) == [60, 120, 160] and recipe.scheduler.gamma == 0.2
 
 
 # --------------------------------------------------------------------------- stage A → stage B, end to end
