@@ -34,9 +34,26 @@ def default_data_dir() -> str:
     return str(shared.resolve()) if shared.is_dir() else str((Path.cwd() / "data").resolve())
 
 
+def method_label(choices: Any) -> str:
+    """The run's method label from Hydra's group choices: ``distill``, plus ``+<transform>`` when a teacher
+    transform is chosen (``distill=kd distill/teacher_transform=topk_scale`` → ``kd+topk_scale``), plus
+    ``@<teacher>`` for a non-network teacher group (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``)."""
+    get = (lambda k: choices.get(k)) if hasattr(choices, "get") else (lambda k: None)
+    label = str(get("distill"))
+    transform = get("distill/teacher_transform")
+    if transform not in (None, "null", "none"):
+        label += f"+{transform}"
+    teacher = get("teacher")
+    if teacher not in (None, "net") and str(teacher) != label:
+        label += f"@{teacher}"
+    return label
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kdx_data_dir"):
         OmegaConf.register_new_resolver("kdx_data_dir", default_data_dir)
+    if not OmegaConf.has_resolver("kdx_method"):
+        OmegaConf.register_new_resolver("kdx_method", method_label)
 
 
 def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:

@@ -106,3 +106,20 @@ def test_sweep_output_dir_layout():
     assert raw("sweep")["dir"].startswith("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
     assert raw("sweep")["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
     assert raw("run")["dir"].startswith("outputs/")
+
+
+@pytest.mark.parametrize(
+    "overrides, label",
+    [
+        (["distill=kd"], "kd"),
+        (["distill=kd", "distill/teacher_transform=topk_scale"], "kd+topk_scale"),
+        (["distill=dkd", "distill/teacher_transform=topk_scale"], "dkd+topk_scale"),
+        (["distill=dkd", "teacher=reffakd"], "dkd@reffakd"),
+        (["distill=reffakd"], "reffakd"),
+        (["distill=none"], "none"),
+    ],
+)
+def test_method_label_names_transform_and_table_teacher(tmp_path, overrides, label):
+    """Runs that differ only by a teacher transform or a table teacher get distinct labels in results/tables."""
+    cfg = compose_cfg(overrides, tmp_path)
+    assert cfg.method == label
