@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, compose_cfg
-from kdx.config import ConfigError
+from kdx.config import ConfigError, validate
 from kdx.distill.base import Batch, ModelOutput
 from kdx.distill.losses import reffakd_loss, reffakd_terms
 from kdx.distill.reffakd import ReffAKD
@@ -255,9 +255,12 @@ def test_stage_a_then_stage_b(tmp_path, caplog):
 
 
 def test_missing_table_runs_stage_a_first_under_dkd(tmp_path, caplog):
-    res = run(compose_cfg(BASE + ["distill=dkd", "teacher=reffakd", "logger=csv"] + AE, tmp_path))
+    # a teacher model set as for a network teacher (as an experiment shared by a sweep over network and
+    # table teachers sets it) is accepted and ignored by the table teacher
+    res = run(compose_cfg(BASE + ["model@teacher.model=resnet8", "distill=dkd", "teacher=reffakd", "logger=csv"]
+                          + AE, tmp_path))
     assert "running stage A first" in caplog.text
-    assert res["method"] == "dkd" and res["status"] == "complete"
+    assert res["method"] == "dkd@reffakd" and res["status"] == "complete"
     assert res["resources"]["stage_a_ran_in_this_run"] is True
     assert (tmp_path / "run" / "reffakd_ae" / "similarity.png").is_file()
     assert (tmp_path / "run" / "reffakd_ae" / "results.json").is_file()
@@ -270,3 +273,11 @@ def test_stage_a_errors_name_the_setting(tmp_path):
         run(compose_cfg(BASE + ["task=reffakd_ae"], tmp_path))
     with pytest.raises(CheckpointError, match="teacher.auto_build"):
         run(compose_cfg(BASE + ["distill=reffakd", "teacher.auto_build=false"] + AE, tmp_path))
+
+
+@pytest.mark.parametrize("overrides", [["distill=reffakd"], ["distill=dkd", "teacher=reffakd"]])
+def test_table_teacher_composes_with_an_experiment_made_for_a_network_teacher(tmp_path, overrides):
+    """experiment=quickstart sets model@teacher.model and teacher.train.*: the table teacher takes both."""
+    cfg = compose_cfg(["experiment=quickstart"] + overrides, tmp_path)
+    validate(cfg)
+    assert cfg.teacher.model.name == "resnet20" and cfg.teacher.train.max_epochs == 12

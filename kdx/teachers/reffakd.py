@@ -109,9 +109,11 @@ class ReffAKDTeacher(Teacher):
         num_classes: Optional[int] = None,
         built_in_run: bool = False,
         model: Any = None,
+        train: Any = None,
     ) -> None:
-        # ``model``: the table has no network. An experiment that sets ``model@teacher.model=...`` (e.g.
-        # experiment=quickstart) still composes with teacher=reffakd; the runner does not build it.
+        # ``model`` / ``train``: the table has no network. An experiment that sets a network teacher's
+        # model and recipe (``model@teacher.model=...``, ``teacher.train.*``, e.g. experiment=quickstart)
+        # still composes and runs with teacher=reffakd: both are ignored (the runner does not build the model).
         super().__init__()
         if artifact is None:
             raise CheckpointError("No ReffAKD artifact: set teacher.artifact=<folder> (or let kdx build one).")
