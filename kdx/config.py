@@ -49,7 +49,20 @@ def method_label(choices: Any) -> str:
     return label
 
 
+def path_safe(name: Any, max_len: int = 180) -> str:
+    """One folder name from a job's overrides: ``/`` (a nested group, ``distill/teacher_transform=...``)
+    becomes ``.`` instead of a sub-folder; a name too long for the file system keeps its start and a hash."""
+    import hashlib
+
+    text = str(name).replace("/", ".")
+    if len(text) > max_len:
+        text = text[: max_len - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return text
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("kdx_path_safe"):
+        OmegaConf.register_new_resolver("kdx_path_safe", path_safe)
     if not OmegaConf.has_resolver("kdx_data_dir"):
         OmegaConf.register_new_resolver("kdx_data_dir", default_data_dir)
     if not OmegaConf.has_resolver("kdx_method"):

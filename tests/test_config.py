@@ -1,6 +1,8 @@
 """The real config tree: every default composes and validates; misspelt keys fail early and clearly."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -104,8 +106,31 @@ def test_sweep_output_dir_layout():
     hydra_cfg = OmegaConf.create({"sweep": hydra_cfg["sweep"], "run": hydra_cfg["run"]})
     raw = lambda key: OmegaConf.to_container(hydra_cfg, resolve=False)[key]  # noqa: E731
     assert raw("sweep")["dir"].startswith("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
-    assert raw("sweep")["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+    assert raw("sweep")["subdir"] == "${hydra.job.num}_${kdx_path_safe:${hydra.job.override_dirname}}"
     assert raw("run")["dir"].startswith("outputs/")
+
+
+def test_path_safe_folder_names():
+    from kdx.config import path_safe
+
+    assert path_safe("distill/teacher_transform=topk_scale,distill=kd") == "distill.teacher_transform=topk_scale,distill=kd"
+    long = path_safe("x" * 400)
+    assert len(long) == 180 and "/" not in long and long != path_safe("x" * 399)
+
+
+def test_sweep_over_a_nested_group_writes_one_folder_per_job(tmp_path):
+    """distill/teacher_transform=... in a multirun: one job folder (no sub-folder from the '/'), labelled."""
+    from conftest import TINY, run_cli
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "distill=kd", "distill/teacher_transform=topk_scale", "distill.teacher_transform.k=3",
+                    f"hydra.sweep.dir={sweep}", f"paths.teachers={tmp_path / 'teachers'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    assert job.name.startswith("0_") and "distill.teacher_transform=topk_scale" in job.name
+    results = json.loads((job / "results.json").read_text())
+    assert results["method"] == "kd+topk_scale" and results["config"]["distill"]["teacher_transform"]["k"] == 3
+    assert "kd+topk_scale" in (sweep / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(
