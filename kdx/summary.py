@@ -30,6 +30,8 @@ def collect(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[s
                 continue
             res = job / "results.json"
             data = json.loads(res.read_text()) if res.is_file() else None
+            if data is not None and data.get("task") not in ("distill", "train"):
+                continue  # an artifact built inside a job (ReffAKD stage A), not a student run
             if data and data.get("status") == "complete":
                 done.append(data)
             else:

@@ -148,3 +148,16 @@ def test_method_label_names_transform_and_table_teacher(tmp_path, overrides, lab
     """Runs that differ only by a teacher transform or a table teacher get distinct labels in results/tables."""
     cfg = compose_cfg(overrides, tmp_path)
     assert cfg.method == label
+
+
+def test_sweep_summary_lists_student_runs_only(tmp_path):
+    """A ReffAKD stage-A record inside a job folder is an artifact, not a run; a job without results is missing."""
+    from kdx.summary import collect
+
+    run_rec = {"status": "complete", "task": "distill", "method": "reffakd", "dataset": "d", "student": "s"}
+    (tmp_path / "0_job" / "reffakd_ae").mkdir(parents=True)
+    (tmp_path / "0_job" / "results.json").write_text(json.dumps(run_rec))
+    (tmp_path / "0_job" / "reffakd_ae" / "results.json").write_text(json.dumps({"status": "complete", "task": "reffakd_ae"}))
+    (tmp_path / "1_job" / ".hydra").mkdir(parents=True)
+    done, missing = collect([tmp_path])
+    assert done == [run_rec] and missing == [str(tmp_path / "1_job")]
