@@ -98,6 +98,17 @@ def value_diffs(teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]
     return torch.stack(cols, dim=2)
 
 
+def check_shapes(module: nn.Module, teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> None:
+    """The features must have the shapes ``module`` (AFD, RTK) was built for (``t_shapes``, ``s_shapes``)."""
+    got_t = [tuple(f.shape[1:]) for f in teacher_feats]
+    got_s = [tuple(f.shape[1:]) for f in student_feats]
+    if got_t != [tuple(s) for s in module.t_shapes] or got_s != [tuple(s) for s in module.s_shapes]:
+        raise ValueError(
+            f"{type(module).__name__} was built for teacher features {module.t_shapes} and student features "
+            f"{module.s_shapes}, got {got_t} and {got_s}"
+        )
+
+
 class AFD(nn.Module):
     """The AFD loss module, built from the teacher's and the student's feature shapes.
 
@@ -123,15 +134,6 @@ class AFD(nn.Module):
         nn.init.xavier_normal_(self.p_t)
         nn.init.xavier_normal_(self.p_s)
 
-    def _check(self, teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> None:
-        got_t = [tuple(f.shape[1:]) for f in teacher_feats]
-        got_s = [tuple(f.shape[1:]) for f in student_feats]
-        if got_t != [tuple(s) for s in self.t_shapes] or got_s != [tuple(s) for s in self.s_shapes]:
-            raise ValueError(
-                f"AFD was built for teacher features {self.t_shapes} and student features {self.s_shapes}, "
-                f"got {got_t} and {got_s}"
-            )
-
     def attention(self, teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> Tensor:
         """``α`` of shape ``B×T×S`` (softmax over the student layers)."""
         b, d = teacher_feats[0].shape[0], self.qk_dim
@@ -142,7 +144,7 @@ class AFD(nn.Module):
         return F.softmax(logit / math.sqrt(d), dim=2)
 
     def forward(self, teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> Tensor:
-        self._check(teacher_feats, student_feats)
+        check_shapes(self, teacher_feats, student_feats)
         att = self.attention(teacher_feats, student_feats)  # B×T×S
         diff = value_diffs(teacher_feats, student_feats, "teacher").transpose(1, 2)  # B×T×S
         return (att * diff).sum(dim=2).mean(dim=0).sum()

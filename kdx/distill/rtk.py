@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.distill.afd import POOLS, AFDStrategy, LinearBN, chw, gap, value_diffs
+from kdx.distill.afd import POOLS, AFDStrategy, LinearBN, check_shapes, chw, gap, value_diffs
 
 ROLES = ("rtk", "afd")
 TopK = Optional[Union[int, str]]
@@ -101,9 +101,7 @@ class RTK(nn.Module):
         return F.softmax(keep_top_k(logit / math.sqrt(d), self.top_k), dim=2)
 
     def forward(self, teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> Tensor:
-        got = ([tuple(f.shape[1:]) for f in teacher_feats], [tuple(f.shape[1:]) for f in student_feats])
-        if got != ([tuple(s) for s in self.t_shapes], [tuple(s) for s in self.s_shapes]):
-            raise ValueError(f"RTK was built for features {self.t_shapes} / {self.s_shapes}, got {got[0]} / {got[1]}")
+        check_shapes(self, teacher_feats, student_feats)
         att = self.attention(teacher_feats, student_feats)
         diff = value_diffs(teacher_feats, student_feats, self.value_pool)  # B×S×T
         if self.roles == "afd":
