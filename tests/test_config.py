@@ -130,7 +130,7 @@ def test_sweep_over_a_nested_group_writes_one_folder_per_job(tmp_path):
     assert job.name.startswith("0_") and "distill.teacher_transform=topk_scale" in job.name
     results = json.loads((job / "results.json").read_text())
     assert results["method"] == "kd+topk_scale" and results["config"]["distill"]["teacher_transform"]["k"] == 3
-    assert "kd+topk_scale" in (sweep / "summary.md").read_text()
+    assert "kd+topk_scale" in (sweep / "results.md").read_text()  # the sweep-end report (kdx.report)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,8 @@ def test_sweep_summary_lists_student_runs_only(tmp_path):
     """A ReffAKD stage-A record inside a job folder is an artifact, not a run; a job without results is missing."""
     from kdx.summary import collect
 
-    run_rec = {"status": "complete", "task": "distill", "method": "reffakd", "dataset": "d", "student": "s"}
+    run_rec = {"status": "complete", "task": "distill", "method": "reffakd", "dataset": "d", "student": "s",
+               "test_acc1_best": 50.0, "test_acc1_last": 49.0}  # (a record without any test accuracy is a failure)
     (tmp_path / "0_job" / "reffakd_ae").mkdir(parents=True)
     (tmp_path / "0_job" / "results.json").write_text(json.dumps(run_rec))
     (tmp_path / "0_job" / "reffakd_ae" / "results.json").write_text(json.dumps({"status": "complete", "task": "reffakd_ae"}))
