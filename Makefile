@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast test-slow clean-outputs
+.PHONY: install run test test-fast test-slow report clean-outputs
 
 install: $(VENV)/.kdx-installed
 
@@ -37,6 +37,18 @@ test-fast: install
 
 test-slow: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The results table (results.md, results.csv, PNGs) of a sweep, written into it: SWEEP=<folder>, else the
+# newest sweep under multirun/ (by its multirun.yaml, which Hydra writes when the sweep starts).
+REPORT_ARGS ?=
+report: install
+	@sweep="$(SWEEP)"; \
+	if [ -z "$$sweep" ]; then \
+		latest=$$(ls -t multirun/*/*/multirun.yaml multirun/*/multirun.yaml 2>/dev/null | head -n 1); \
+		sweep=$${latest%/multirun.yaml}; \
+	fi; \
+	if [ -z "$$sweep" ]; then echo "make report: no sweep under multirun/; use make report SWEEP=<folder>" >&2; exit 2; fi; \
+	$(BIN)/python -m kdx.report "$$sweep" $(REPORT_ARGS)
 
 clean-outputs:
 	rm -rf outputs multirun/*/
