@@ -11,6 +11,12 @@ every side, a window of the original size is cut at offset ``(dy, dx)``, each
 offset uniform in ``[0, 2*pad]``, and the result is mirrored left-right with
 probability 1/2.
 
+Stored views (``teacher.cache=augmented``, :mod:`kdx.teachers.cache`): each
+sample has ``V`` fixed views, view ``v`` with parameters
+:func:`view_params` ``(v, idx)`` -- a function of ``(v, idx)`` only, so one
+teacher-logit cache serves runs with any seed -- and in epoch ``e`` a run draws
+view :func:`draw_view` ``(seed, e, idx, V)``, uniform over the ``V`` views.
+
 The hash is murmur3's 32-bit finaliser evaluated in int64 tensors with every
 intermediate kept below 2**63 (multiplications split into 16-bit halves), so no
 signed overflow happens on any backend.
@@ -79,6 +85,41 @@ def crop_flip_params(
     dx = hash_uniform32(seed, epoch, idx, 0) % n
     dy = hash_uniform32(seed, epoch, idx, 1) % n
     flip = (hash_uniform32(seed, epoch, idx, 2) >> 31) == 1
+    return dx, dy, flip
+
+
+#: the seed of the stored views; views use the "epochs" -1, -2, ... of this seed, which no run visits
+VIEW_SEED = 0
+_VIEW_STREAM = 3  # streams 0-2 are crop_flip_params'
+
+
+def draw_view(seed: int, epoch: int, idx: torch.Tensor, views: int) -> torch.Tensor:
+    """The stored view (int64 in ``[0, views)``) that sample ``idx`` uses in ``epoch`` of a run with ``seed``."""
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    return hash_uniform32(seed, epoch, idx, _VIEW_STREAM) % int(views)
+
+
+def view_params(
+    view: int | torch.Tensor, idx: torch.Tensor, pad: int, views: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets and flip of stored view ``view`` of each sample, as :func:`crop_flip_params` returns them.
+
+    ``view`` is one int (the same view for the whole batch) or a per-sample int64 tensor; then
+    ``views`` (the number of views) is needed, and each of the ``views`` parameter sets is hashed
+    once and picked per sample.
+    """
+    idx = torch.as_tensor(idx)
+    if not isinstance(view, torch.Tensor):
+        return crop_flip_params(VIEW_SEED, -1 - int(view), idx, pad)
+    if views is None:
+        raise ValueError("view_params: a per-sample view tensor needs the number of views")
+    view = view.to(idx.device)
+    dx, dy, flip = (torch.zeros_like(idx, dtype=torch.int64),) * 2 + (torch.zeros_like(idx, dtype=torch.bool),)
+    for v in range(int(views)):
+        vx, vy, vf = crop_flip_params(VIEW_SEED, -1 - v, idx, pad)
+        m = view == v
+        dx, dy, flip = torch.where(m, vx, dx), torch.where(m, vy, dy), torch.where(m, vf, flip)
     return dx, dy, flip
 
 

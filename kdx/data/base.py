@@ -8,13 +8,15 @@ a sample in the original file/split is ``dataset.source_index[idx]``.
 :class:`ArrayDataModule` keeps each split in memory as a uint8 tensor
 ``[N, C, H, W]``; loaders yield raw uint8 batches, and augmentation plus
 normalisation run batched in :meth:`ArrayDataModule.on_after_batch_transfer`
-(on the accelerator) as a pure function of ``(seed, epoch, idx)``.
+(on the accelerator) as a pure function of ``(seed, epoch, idx)``. With
+``on_device`` the split itself lives on the accelerator and batches are
+gathered there (:class:`DeviceBatches`), with the same order and augmentation.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from kdx.data.augment import apply_crop_flip, crop_flip_params, normalize
+from kdx.data.augment import apply_crop_flip, crop_flip_params, draw_view, normalize, view_params
 from kdx.data.sampler import EpochBatchSampler
 
 # --------------------------------------------------------------------------- splits
@@ -110,6 +112,48 @@ class ArrayDataset(Dataset):
         return self.y.numpy()
 
 
+class DeviceBatches:
+    """The batches of an :class:`EpochBatchSampler` over an :class:`ArrayDataset` held on a device.
+
+    A loader for ``data.on_device=true``: the split is copied to ``device`` once (uint8) and
+    each batch is one index gather there, so no DataLoader, worker or host-to-device copy
+    runs per step. The batches are those of ``DataLoader(dataset, batch_size=None,
+    sampler=sampler)``: the same indices in the same order (one index tensor per epoch,
+    from ``sampler.indices()``, cut as ``EpochBatchSampler.__iter__`` cuts it), the same
+    DDP shard; Lightning finds ``sampler.set_epoch`` as on a DataLoader.
+    """
+
+    def __init__(self, dataset: ArrayDataset, sampler: EpochBatchSampler, device: torch.device | str) -> None:
+        self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
+        self.batch_sampler = None  # Lightning inspects loaders with a ``sampler`` as DataLoaders
+        self._xy: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._xy is None:
+            x = self.dataset.x
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if x.nbytes > free // 2:
+                    raise MemoryError(
+                        f"data.on_device=true: the split takes {x.nbytes / 2**30:.2f} GiB but {self.device} has "
+                        f"{free / 2**30:.2f} GiB free (at most half is used for data). Set data.on_device=false."
+                    )
+            self._xy = (x.to(self.device), self.dataset.y.to(self.device))
+        return self._xy
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        x, y = self._split()
+        s = self.sampler
+        idx = s.indices().to(self.device)
+        stop = len(idx) - len(idx) % s.batch_size if s.drop_last else len(idx)
+        for start in range(0, stop, s.batch_size):
+            i = idx[start : start + s.batch_size]
+            yield x[i], y[i], i
+
+
 @dataclass
 class SplitArrays:
     """What an :class:`ArrayDataModule` subclass loads: uint8 NCHW arrays, int labels."""
@@ -150,6 +194,9 @@ class BaseDataModule(LightningDataModule):
             count), drawn before ``val_split`` is taken out of it.
         test_subset: the same for the test split.
         drop_last: drop the last incomplete training batch.
+        on_device: keep each split on the accelerator as one uint8 tensor and gather
+            batches there, without DataLoader workers (array datasets only; see
+            :class:`DeviceBatches`).
     """
 
     def __init__(
@@ -167,6 +214,7 @@ class BaseDataModule(LightningDataModule):
         subset: float | int | None = None,
         test_subset: float | int | None = None,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -184,6 +232,7 @@ class BaseDataModule(LightningDataModule):
         self.subset = subset
         self.test_subset = test_subset
         self.drop_last = bool(drop_last)
+        self.on_device = bool(on_device)
 
         self._num_classes: int | None = None
         self._class_names: list[str] | None = None
@@ -350,6 +399,7 @@ class BaseDataModule(LightningDataModule):
             "augment": self.augment,
             "pad": self.pad,
             "seed": self.seed,
+            "on_device": self.on_device,
         }
 
 
@@ -364,9 +414,17 @@ class ArrayDataModule(BaseDataModule):
     RandomCrop(H, padding=pad, zero fill) + RandomHorizontalFlip(0.5) with
     parameters ``crop_flip_params(seed, trainer.current_epoch, idx, pad)``.
     Outside a Trainer call :meth:`transform_batch` yourself.
+
+    With stored views (:meth:`use_stored_views`, set by ``teacher.cache=augmented``) the
+    parameters of epoch ``e`` are those of view ``draw_view(seed, e, idx, V)`` instead, the
+    same crops the teacher-logit cache was filled with (:mod:`kdx.teachers.cache`).
     """
 
     _arrays: SplitArrays | None = None
+    #: whether the training augmentation mirrors (SVHN's digits are not mirrored)
+    hflip: bool = True
+    #: number of stored views per sample (0: a fresh crop/flip every epoch)
+    views: int = 0
 
     def _load_arrays(self) -> SplitArrays:
         raise NotImplementedError
@@ -406,13 +464,65 @@ class ArrayDataModule(BaseDataModule):
     def _after_setup(self) -> None:
         self._arrays = None  # keep only the selected samples
 
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
+        if not self.on_device:
+            return super()._loader(dataset, train)
+        key = (id(dataset), str(self._device()))  # one device copy per split, reused by every loader
+        cache = self.__dict__.setdefault("_device_loaders", {})
+        loader = DeviceBatches(dataset, self._sampler(len(dataset), train), self._device())
+        if key in cache:
+            loader._xy = cache[key]
+        else:
+            cache[key] = loader._split()
+        return loader
+
+    # ---- augmentation
+    @property
+    def random_augmentation(self) -> bool:
+        """Whether training inputs change from epoch to epoch (a random crop or flip is on)."""
+        return self.augment and (self.pad > 0 or self.hflip)
+
+    def use_stored_views(self, views: int) -> None:
+        """Draw each epoch's crop/flip from ``views`` fixed views per sample (0: fresh every epoch)."""
+        if views < 0:
+            raise ValueError(f"views must be >= 0, got {views}")
+        self.views = int(views)
+
+    def crop_flip(self, epoch: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training crop offsets and flips ``(dx, dy, flip)`` of samples ``idx`` in ``epoch`` (0-based)."""
+        if self.views:
+            return self.view_crop_flip(draw_view(self.seed, epoch, idx, self.views), idx)
+        return self._mask_flip(crop_flip_params(self.seed, epoch, idx, self.pad))
+
+    def view_crop_flip(self, view: int | torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The parameters of stored view ``view`` (an int or one per sample) of samples ``idx``."""
+        return self._mask_flip(view_params(view, idx, self.pad, self.views or None))
+
+    def _mask_flip(self, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        dx, dy, flip = params
+        return dx, dy, (flip if self.hflip else torch.zeros_like(flip))
+
+    def augment_batch(self, batch: Any, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        """uint8 batch -> float32 normalised batch, cropped and flipped with the given ``(dx, dy, flip)``."""
+        x, y, idx = batch
+        return normalize(apply_crop_flip(x, *params, self.pad), self.mean, self.std), y, idx
+
     def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 batch -> float32 normalised batch (augmented when ``train`` and ``augment``)."""
         x, y, idx = batch
         if train and self.augment:
-            dx, dy, flip = crop_flip_params(self.seed, epoch, idx, self.pad)
-            x = apply_crop_flip(x, dx, dy, flip, self.pad)
+            return self.augment_batch(batch, self.crop_flip(epoch, idx))
         return normalize(x, self.mean, self.std), y, idx
+
+    def transform_view_batch(self, batch: Any, view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 batch -> view ``view`` of each sample, as training shows it (what the teacher cache stores)."""
+        if not self.augment:
+            return self.transform_batch(batch, train=False)
+        return self.augment_batch(batch, self.view_crop_flip(view, batch[2]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x = batch[0]
@@ -457,6 +567,7 @@ __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
     "BaseDataModule",
+    "DeviceBatches",
     "SplitArrays",
     "channel_stats",
     "offline_error",

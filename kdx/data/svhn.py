@@ -12,9 +12,7 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 
-from kdx.data.augment import apply_crop_flip, crop_flip_params, normalize
 from kdx.data.base import ArrayDataModule, SplitArrays, offline_error
 
 SVHN_CLASSES = [str(i) for i in range(10)]
@@ -82,13 +80,9 @@ class SVHNDataModule(ArrayDataModule):
             source=f"torchvision:{os.path.abspath(os.path.expanduser(self.root))}",
         )
 
-    def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As :class:`ArrayDataModule`'s, with the horizontal flip only when ``flip``."""
-        x, y, idx = batch
-        if train and self.augment:
-            dx, dy, flip = crop_flip_params(self.seed, epoch, idx, self.pad)
-            x = apply_crop_flip(x, dx, dy, flip if self.flip else torch.zeros_like(flip), self.pad)
-        return normalize(x, self.mean, self.std), y, idx
+    @property
+    def hflip(self) -> bool:  # ArrayDataModule's crop/flip (also stored views) mirror only when ``flip``
+        return self.flip
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "use_extra": self.use_extra, "flip": self.flip}
