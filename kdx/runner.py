@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import kdx
-from kdx.callbacks import build_callbacks, build_logger, log_config
+from kdx.callbacks import build_callbacks, build_logger, log_config, log_results
 from kdx.config import ConfigError, resolved, validate
 from kdx.distill.none import CrossEntropy
 from kdx.io import CheckpointError, atomic_torch_save, atomic_write_json, load_state_dict_file
@@ -259,8 +259,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         _export(trainer, module, cfg, ctx, results, is_train, dm)
         atomic_write_json(out / "results.json", results)
-        if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
-            logger.experiment.summary.update({k: v for k, v in results.items() if k not in ("history", "config")})
+        log_results(logger, results)  # W&B: the run summary holds results.json's fields
         log.info("test/acc1 last %.2f, best-epoch %s → results in %s", results["test_acc1_last"] or float("nan"),
                  results["best_epoch"], out / "results.json")
     trainer.strategy.barrier()
