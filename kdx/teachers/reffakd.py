@@ -138,6 +138,8 @@ class ReffAKDTeacher(Teacher):
             "ae_params": meta.get("ae_params"),
             "ae_best_test_mse": meta.get("best_test_mse"),
         }
+        # pictures a logger shows once at the start of the distillation (kdx.callbacks.LogTeacherImages)
+        self.images = {"reffakd/similarity": str(Path(artifact) / HEATMAP)}
         self.resources = {
             "teacher_kind": "reffakd soft-label table (no teacher network at distillation time)",
             "ae_params": meta.get("ae_params"),
