@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -83,19 +84,25 @@ def _fit(text: str, limit: int) -> str:
     return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def wandb_identity(run_info: Mapping[str, Any], lcfg: Mapping[str, Any], sweep: Optional[SweepInfo]) -> dict[str, Any]:
+def wandb_identity(run_info: Mapping[str, Any], lcfg: Mapping[str, Any], sweep: Optional[SweepInfo],
+                   agent_run: Optional[str] = None) -> dict[str, Any]:
     """W&B ``group``, ``name``, ``job_type`` and ``tags`` of a run; values set in ``logger.*`` win.
 
     - group: the Hydra sweep's folder under ``-m`` (one W&B group per sweep, so its runs are compared
       side by side), else ``<dataset>/<pair>`` (the single runs of one pair together);
-    - name: ``<method>-<pair>-seed<seed>``, plus ``-job<n>`` in a sweep (jobs differing only in a
-      hyper-parameter would otherwise share a name);
+    - name: ``<method>-<pair>-seed<seed>``, plus ``-job<n>`` in a Hydra sweep, or ``-<run id>`` for a run
+      started by ``wandb agent`` (``agent_run``): jobs differing only in a hyper-parameter would otherwise
+      share a name;
     - job_type: the method label; tags: the user's ``logger.tags``, then dataset, pair and method.
     W&B refuses tags over 64 characters (the run would not start); tags and the job type are kept within
     64 characters and the group within 128 (a sweep named by its overrides can be longer), start + hash.
     """
     method, pair, dataset = str(run_info["method"]), str(run_info["pair"]), str(run_info["dataset"])
-    name = f"{method}-{pair}-seed{run_info['seed']}" + (f"-job{sweep.job}" if sweep is not None else "")
+    name = f"{method}-{pair}-seed{run_info['seed']}"
+    if sweep is not None:
+        name += f"-job{sweep.job}"
+    elif agent_run:
+        name += f"-{agent_run}"
     tags: list[str] = []
     for tag in [*(lcfg.get("tags") or []), dataset, pair, method]:
         tag = _fit(str(tag), 64)
@@ -126,7 +133,10 @@ def build_logger(cfg: DictConfig, run_info: dict[str, Any]) -> Optional[Any]:
         return None
     target = lcfg._target_
     is_wandb = target.endswith("WandbLogger")
-    extra = wandb_identity(run_info, lcfg, hydra_sweep()) if is_wandb else {}
+    extra: dict[str, Any] = {}
+    if is_wandb:  # `wandb agent` gives its run its id (and a sweep id) in the environment
+        agent_run = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+        extra = wandb_identity(run_info, lcfg, hydra_sweep(), agent_run)
     try:
         logger = instantiate(lcfg, **extra)
         experiment = logger.experiment  # start it now: a logger that cannot start must fail loudly, here

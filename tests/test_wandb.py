@@ -116,6 +116,7 @@ def test_identity_in_a_sweep_and_user_settings_win():
     ident = wandb_identity(INFO, {"tags": ["mine", "dkd"]}, sweep)
     assert ident["group"] == "multirun/2026-11-25/07-43-11" and ident["name"] == "dkd-resnet32x4-resnet8x4-seed3-job4"
     assert ident["job_type"] == "dkd" and ident["tags"] == ["mine", "dkd", "cifar100", "resnet32x4-resnet8x4"]
+    assert wandb_identity(INFO, {}, None, agent_run="x1y2")["name"] == "dkd-resnet32x4-resnet8x4-seed3-x1y2"  # wandb agent
     mine = wandb_identity(INFO, {"group": "g", "name": "n", "job_type": "j", "tags": []}, sweep)
     assert (mine["group"], mine["name"], mine["job_type"]) == ("g", "n", "j")
     # W&B refuses a tag over 64 characters (the run would not start): long pairs are shortened, still distinct
