@@ -174,7 +174,8 @@ def log_results(logger: Any, results: Mapping[str, Any]) -> None:
         import wandb
 
         columns = list(dict.fromkeys(k for row in history for k in row))
-        experiment.log({"history": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in history])})
+        rows = [[row.get(c) for c in columns] for row in history]
+        experiment.log({"history": wandb.Table(columns=columns, data=rows)})
 
 
 class LogTeacherImages(Callback):

@@ -89,8 +89,9 @@ def read_offline_run(wandb_dir: Path) -> dict[str, Any]:
 
 def _isolate_wandb(env: dict[str, str], root: Path) -> dict[str, str]:
     """Offline W&B whose settings and artifact staging (tables) stay in the test's folder, not in $HOME."""
-    return dict(env, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(root), WANDB_DATA_DIR=str(root / "wandb_data"),
-                WANDB_CACHE_DIR=str(root / "wandb_cache"), WANDB_CONFIG_DIR=str(root / "wandb_config"))
+    return dict(env, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(root),
+                WANDB_DATA_DIR=str(root / "wandb_data"), WANDB_CACHE_DIR=str(root / "wandb_cache"),
+                WANDB_CONFIG_DIR=str(root / "wandb_config"))
 
 
 @pytest.fixture
@@ -116,7 +117,8 @@ def test_identity_in_a_sweep_and_user_settings_win():
     ident = wandb_identity(INFO, {"tags": ["mine", "dkd"]}, sweep)
     assert ident["group"] == "multirun/2026-11-25/07-43-11" and ident["name"] == "dkd-resnet32x4-resnet8x4-seed3-job4"
     assert ident["job_type"] == "dkd" and ident["tags"] == ["mine", "dkd", "cifar100", "resnet32x4-resnet8x4"]
-    assert wandb_identity(INFO, {}, None, agent_run="x1y2")["name"] == "dkd-resnet32x4-resnet8x4-seed3-x1y2"  # wandb agent
+    agent = wandb_identity(INFO, {}, None, agent_run="x1y2")  # a run started by `wandb agent`
+    assert agent["name"] == "dkd-resnet32x4-resnet8x4-seed3-x1y2" and agent["group"] == "cifar100/resnet32x4-resnet8x4"
     mine = wandb_identity(INFO, {"group": "g", "name": "n", "job_type": "j", "tags": []}, sweep)
     assert (mine["group"], mine["name"], mine["job_type"]) == ("g", "n", "j")
     # W&B refuses a tag over 64 characters (the run would not start): long pairs are shortened, still distinct
