@@ -21,6 +21,7 @@ from kdx.config import ConfigError, resolved, validate
 from kdx.distill.none import CrossEntropy
 from kdx.io import CheckpointError, atomic_torch_save, atomic_write_json, load_state_dict_file
 from kdx.module import DistillModule
+from kdx.teachers.cache import CachedTeacher, cache_settings
 from kdx.teachers.store import TeacherStore
 
 log = logging.getLogger("kdx")
@@ -155,7 +156,11 @@ def build(cfg: DictConfig) -> Job:
         from kdx.features import check_config_taps
 
         check_config_taps(cfg, ctx.num_classes)
+    cache = cache_settings(cfg, strategy, dm)  # teacher.cache: a wrong combination stops before any teacher training
     teacher = _teacher(cfg, ctx) if strategy.needs_teacher else None
+    if cache is not None:
+        teacher = CachedTeacher(teacher, cache, dm, ctx.dataset_key, precision=str(cfg.trainer.precision),
+                                channels_last=bool(cfg.perf.channels_last))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init with or without a teacher
     student = instantiate_unwrapped(cfg.model, num_classes=ctx.num_classes)
     student_taps = teacher_taps = None

@@ -32,7 +32,12 @@ class NetworkTeacher(Teacher):
         auto_train: bool = True,
         train: Optional[dict[str, Any]] = None,
         store_tag: Optional[str] = None,
+        cache: Any = "off",
+        cache_views: int = 4,
+        cache_dtype: str = "auto",
+        cache_dir: Optional[str] = None,
     ) -> None:
+        """``cache*`` are read by the runner, which wraps this teacher in :class:`kdx.teachers.cache.CachedTeacher`."""
         super().__init__()
         if ckpt is None:
             raise CheckpointError("No teacher checkpoint: set teacher.ckpt=<path> (or let kdx train one).")
