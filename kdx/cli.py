@@ -28,9 +28,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdx.sweep import check_launch, export_submitit_ranks
+
+    export_submitit_ranks()  # before Lightning is imported: submitit's local tasks become DDP ranks
     from kdx.runner import run
 
     try:
+        check_launch(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
         results = run(cfg)
     except _known_errors() as e:
         log.error("%s: %s", type(e).__name__, e)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 TOP_LEVEL_KEYS = {
     "data", "model", "teacher", "distill", "optim", "scheduler", "trainer", "logger", "paths",
     "experiment", "seed", "task", "method", "ckpt_path", "checkpoint", "progress_bar", "perf",
-    "train", "recipe", "paper", "hydra",
+    "train", "recipe", "paper", "hydra", "resume", "sweep_name",
 }
 SPECIAL_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TASKS = ("distill", "train", "reffakd_ae")
@@ -67,6 +67,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdx_data_dir", default_data_dir)
     if not OmegaConf.has_resolver("kdx_method"):
         OmegaConf.register_new_resolver("kdx_method", method_label)
+    from kdx import sweep
+
+    if not OmegaConf.has_resolver("kdx_sweep_dir"):
+        # cached: computed once where the sweep starts, then copied into each job's config by Hydra
+        OmegaConf.register_new_resolver("kdx_sweep_dir", sweep.sweep_dir, use_cache=True)
+    if not OmegaConf.has_resolver("kdx_fixed_keys"):
+        OmegaConf.register_new_resolver("kdx_fixed_keys", sweep.fixed_keys, use_cache=True)
+    for name, fn in (("kdx_job_subdir", sweep.job_subdir), ("kdx_run_dir", sweep.run_dir),
+                     ("kdx_launcher_tasks", sweep.launcher_tasks), ("kdx_launcher_gpus", sweep.launcher_gpus)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
@@ -116,6 +127,9 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.get("task") not in TASKS:
         raise ConfigError(f"task={cfg.get('task')!r} is not one of {', '.join(TASKS)}.")
+    from kdx.sweep import check_resume
+
+    check_resume(cfg.get("resume", "never"))
     for path, node in _target_nodes(cfg):
         target_name = node._get_node("_target_")._value()
         try:

@@ -21,6 +21,7 @@ from kdx.config import ConfigError, resolved, validate
 from kdx.distill.none import CrossEntropy
 from kdx.io import CheckpointError, atomic_torch_save, atomic_write_json, load_state_dict_file
 from kdx.module import DistillModule
+from kdx.sweep import prepare_job
 from kdx.teachers.cache import CachedTeacher, cache_settings
 from kdx.teachers.store import TeacherStore
 
@@ -209,6 +210,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from kdx.teachers.reffakd_ae import run_stage_a
 
         return run_stage_a(cfg)
+    done = prepare_job(cfg)  # resume=auto: complete → these results; interrupted → cfg.ckpt_path = last.ckpt
+    if done is not None:
+        return done
     job = build(cfg)
     cfg, ctx, dm, module, trainer, logger = job.cfg, job.ctx, job.datamodule, job.module, job.trainer, job.logger
     is_train, method, pair, out = job.is_train, job.method, job.pair, ctx.output_dir
