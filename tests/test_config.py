@@ -102,12 +102,13 @@ def test_unknown_top_level_key_and_task_fail(tmp_path):
 
 
 def test_sweep_output_dir_layout():
-    hydra_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "default.yaml"), resolve=False)
-    hydra_cfg = OmegaConf.create({"sweep": hydra_cfg["sweep"], "run": hydra_cfg["run"]})
-    raw = lambda key: OmegaConf.to_container(hydra_cfg, resolve=False)[key]  # noqa: E731
-    assert raw("sweep")["dir"].startswith("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
-    assert raw("sweep")["subdir"] == "${hydra.job.num}_${kdx_path_safe:${hydra.job.override_dirname}}"
-    assert raw("run")["dir"].startswith("outputs/")
+    """The folder rules go through kdx.sweep's resolvers (their results: tests/test_sweeps.py)."""
+    hydra_cfg = OmegaConf.load(CONF / "hydra" / "default.yaml")
+    raw = OmegaConf.to_container(hydra_cfg, resolve=False)
+    assert raw["sweep"]["dir"].startswith("${kdx_sweep_dir:${resume},${sweep_name},")
+    assert "${now:%Y-%m-%d}/${now:%H-%M-%S}" in raw["sweep"]["dir"]  # resume=never: named by the clock
+    assert raw["sweep"]["subdir"].startswith("${kdx_job_subdir:${resume},${hydra.job.num},")
+    assert raw["run"]["dir"].startswith("${kdx_run_dir:${resume},${sweep_name},")
 
 
 def test_path_safe_folder_names():
