@@ -28,6 +28,16 @@ from kdx.teachers.cache import COMPLETE, FILLED, KEY, CachedTeacher, CacheSettin
 from kdx.teachers.network import NetworkTeacher
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from a second one, and on a shared machine
+    OpenMP's waiting threads made them several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ------------------------------------------------------------------------------------------ helpers
 class _Strategy:
     """The parts of a Lightning strategy that ``CachedTeacher.fill`` uses; ranks in threads share a barrier."""
@@ -119,8 +129,12 @@ def test_ranks_fill_disjoint_rows_and_rank0_finishes(tmp_path):
     def rank_main(rank: int) -> None:
         t = teachers[rank]
         compute = t._compute
-        t._compute = lambda folder, key, dtype, filled, rows, *a: (seen.__setitem__(rank, rows.copy()),
-                                                                  compute(folder, key, dtype, filled, rows, *a))
+
+        def spy(folder, key, dtype, filled, rows, *args):  # the rows this rank computes
+            seen[rank] = rows.copy()
+            return compute(folder, key, dtype, filled, rows, *args)
+
+        t._compute = spy
         try:
             t.fill(StubTrainer(rank=rank, world=world, barrier=barrier, shared=shared))
         except BaseException as e:  # pragma: no cover - reported below
@@ -128,8 +142,10 @@ def test_ranks_fill_disjoint_rows_and_rank0_finishes(tmp_path):
             barrier.abort()
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
     assert not errors
     assert not set(seen[0]) & set(seen[1]) and sorted([*seen[0], *seen[1]]) == list(range(100))
     assert all(t.rows_computed == 100 for t in teachers)  # summed over ranks
@@ -357,9 +373,6 @@ def test_kd_run_through_the_config_reads_the_cache_and_still_measures_the_teache
     live_job, live_calls, _ = _fit(tmp_path, tiny, common, "live", epochs=1)
     assert live_calls == {1: 2, "val": 1}  # the live teacher runs in every training step
     assert job.module.teacher_acc1 is not None and job.module.teacher_acc1 == live_job.module.teacher_acc1
-    warm, warm_calls, _ = _fit(tmp_path, tiny, common + [f"teacher.cache={mode}"], "warm", epochs=1)
-    assert warm.module.teacher.info["cache"]["rows_computed"] == 0
-    assert warm_calls == {"setup": 1, "val": 1}  # setup: the dtype probe (two samples)
 
 
 def test_every_logit_method_runs_on_the_cache(tmp_path, tiny):
@@ -369,9 +382,31 @@ def test_every_logit_method_runs_on_the_cache(tmp_path, tiny):
     for i, method in enumerate([["distill=kd_crd"], ["distill=dkd"], ["distill=topkd"],
                                 ["distill=kd", "distill/teacher_transform=topk_scale"]]):
         job, calls, seen = _fit(tmp_path, tiny, method + common, f"run{i}", epochs=1)
-        assert set(calls) == {"setup"} and seen
         cached, strategy = job.module.teacher, job.module.strategy
+        assert set(calls) == {"setup"} and seen  # the pre-pass only
+        if i > 0:  # a warm cache: the teacher ran only for the dtype probe (two samples)
+            assert cached.info["cache"]["rows_computed"] == 0 and calls == {"setup": 1}
         for _, batch, t_logits in seen:  # a teacher transform (TopKD's scaling) applies to the cached raw logits
             raw = cached(batch.x, batch.y, batch.idx).logits
             assert torch.equal(t_logits, strategy.transform_teacher(raw, batch.y))
             assert (strategy.teacher_transform is None) == torch.equal(t_logits, raw)
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_ranks_fill_one_cache_then_read_it(tmp_path):
+    """trainer=ddp_cpu through the real CLI, augmented views and on-device data: the ranks share one fill."""
+    from conftest import TINY, run_cli
+
+    ckpt = _ckpt(tmp_path / "teacher.pt")
+    base = [a for a in TINY if not a.startswith("logger")] + [
+        "trainer=ddp_cpu", "distill=kd", "logger=csv", f"teacher.ckpt={ckpt}", "teacher.cache=augmented",
+        "teacher.cache_views=2", f"teacher.cache_dir={tmp_path / 'cache'}", "data.on_device=true",
+        "trainer.max_epochs=2",
+    ]
+    for name, computed in (("cold", 256), ("warm", 0)):
+        proc = run_cli(base + [f"hydra.run.dir={tmp_path / name}"], timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        cache = res["teacher_info"]["cache"]
+        assert res["status"] == "complete" and cache["rows"] == 256 and cache["rows_computed"] == computed
+        assert (Path(cache["path"]) / COMPLETE).is_file() and res["teacher_acc1"] is not None
