@@ -42,6 +42,7 @@ class DistillModule(pl.LightningModule):
         has_heldout_val: bool = False,
         channels_last: bool = False,
         check_finite: bool = True,
+        compile: bool = False,
         student_taps: Optional[FeatureTaps] = None,
         teacher_taps: Optional[FeatureTaps] = None,
     ) -> None:
@@ -73,6 +74,10 @@ class DistillModule(pl.LightningModule):
             self.student.to(memory_format=torch.channels_last)
             if teacher is not None:
                 teacher.to(memory_format=torch.channels_last)
+        if compile:  # in place: parameter names, checkpoints and hooks stay as they are
+            self.student.compile()
+            if teacher is not None:
+                teacher.compile()
 
     # ------------------------------------------------------------------ devices and teacher
     def _teacher_to_device(self) -> None:

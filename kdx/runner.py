@@ -189,6 +189,7 @@ def build(cfg: DictConfig) -> Job:
             has_heldout_val=bool(getattr(dm, "val_split", 0)),
             channels_last=bool(cfg.perf.channels_last),
             check_finite=bool(cfg.perf.check_finite),
+            compile=bool(cfg.perf.get("compile", False)),
             student_taps=student_taps,
             teacher_taps=teacher_taps,
         )

@@ -221,7 +221,8 @@ def test_real_offline_data_through_the_config(tmp_path, tiny, data):
         assert "cifar10_jpeg.npz" in res["data"]["source"]
 
 
-@pytest.mark.parametrize("extra", [["trainer.precision=bf16-mixed"], ["perf.channels_last=true"]])
+@pytest.mark.parametrize("extra", [["trainer.precision=bf16-mixed"], ["perf.channels_last=true"], ["perf=fast"],
+                                   pytest.param(["perf.compile=true"], marks=pytest.mark.slow)])
 def test_fast_paths_run_kd(tmp_path, tiny, extra):
     run(compose_cfg(tiny + ["task=train"], tmp_path, name="teacher_run"))
     ckpt = tmp_path / "teacher_run" / "teacher.pt"
