@@ -472,12 +472,12 @@ class ArrayDataModule(BaseDataModule):
         if not self.on_device:
             return super()._loader(dataset, train)
         key = (id(dataset), str(self._device()))  # one device copy per split, reused by every loader
-        cache = self.__dict__.setdefault("_device_loaders", {})
+        splits = self.__dict__.setdefault("_device_splits", {})
         loader = DeviceBatches(dataset, self._sampler(len(dataset), train), self._device())
-        if key in cache:
-            loader._xy = cache[key]
+        if key in splits:
+            loader._xy = splits[key]
         else:
-            cache[key] = loader._split()
+            splits[key] = loader._split()
         return loader
 
     # ---- augmentation
