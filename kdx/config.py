@@ -37,9 +37,12 @@ def default_data_dir() -> str:
 def method_label(choices: Any) -> str:
     """The run's method label from Hydra's group choices: ``distill``, plus ``+<transform>`` when a teacher
     transform is chosen (``distill=kd distill/teacher_transform=topk_scale`` → ``kd+topk_scale``), plus
-    ``@<teacher>`` for a non-network teacher group (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``)."""
+    ``@<teacher>`` for a non-network teacher group (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``).
+    ``distill=none`` is always ``none`` (the baseline column), whatever teacher an experiment selects."""
     get = (lambda k: choices.get(k)) if hasattr(choices, "get") else (lambda k: None)
     label = str(get("distill"))
+    if label == "none":  # plain training uses no teacher and no transform: the baseline, whatever is selected
+        return label
     transform = get("distill/teacher_transform")
     if transform not in (None, "null", "none"):
         label += f"+{transform}"
