@@ -144,7 +144,6 @@ def test_sweep_over_a_nested_group_writes_one_folder_per_job(tmp_path):
         (["distill=reffakd"], "reffakd"),
         (["distill=none"], "none"),
         (["experiment=cifar100/reffakd/resnet18", "distill=none"], "none"),  # the baseline column of that sweep
-        (["distill=none", "distill/teacher_transform=topk_scale"], "none"),
     ],
 )
 def test_method_label_names_transform_and_table_teacher(tmp_path, overrides, label):
