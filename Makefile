@@ -52,3 +52,20 @@ report: install
 
 clean-outputs:
 	rm -rf outputs multirun/*/
+
+# Speed: kdx's full training path vs a bare PyTorch loop, per method, pair and precision (a table + JSON lines).
+BENCH_ARGS ?= --data
+bench: install
+	$(BIN)/python -m kdx.bench $(BENCH_ARGS)
+
+# Quality on real data (~35 minutes on 2 CPU cores): every method on the same small budget on the CIFAR-10 copy,
+# 2 seeds, then a short data-free NAYER run, and one results table (multirun/bench-quality/results.md).
+# Resumable: re-running skips finished jobs. QUALITY_METHODS / QUALITY_SEEDS narrow it.
+QUALITY_METHODS ?= none,kd,dkd,topkd,reffakd,afd,rtk
+QUALITY_SEEDS ?= 0,1
+bench-quality: install
+	$(BIN)/python -m kdx -m experiment=cifar10/quality distill=$(QUALITY_METHODS) seed=$(QUALITY_SEEDS) \
+		resume=auto sweep_name=bench-quality-cifar10 logger=csv progress_bar=none
+	$(BIN)/python -m kdx -m experiment=cifar10/nayer_quick trainer.max_epochs=6 seed=$(QUALITY_SEEDS) \
+		resume=auto sweep_name=bench-quality-nayer logger=csv progress_bar=none
+	$(BIN)/python -m kdx.report multirun/bench-quality-cifar10 multirun/bench-quality-nayer --out multirun/bench-quality
