@@ -33,7 +33,7 @@ live logits rounded to float16 (cast back to the live dtype).
 Validity: ``key.json`` beside the rows holds what the logits depend on: the teacher's weights
 (sha256) and architecture; the data (name, class, subset, split seed, held-out split, size,
 image shape, normalisation, a hash of the training split's pixels and labels); the transform
-(augment, pad, flip, views); precision, storage dtype, device type, channels-last. The folder is
+(augment, pad, flip, views); precision, storage dtype, device type, channels-last, compile. The folder is
 ``<teacher.cache_dir>/<dataset>/<arch>/<mode>-<hash of the key>``: changed settings get a new
 folder (logged, naming what differs from the newest cache beside it); a ``key.json`` that does
 not match is rebuilt in place (logged). Nothing is reused silently.
@@ -177,11 +177,17 @@ class CachedTeacher(Teacher):
         self._table: Optional[Tensor] = None
         self._live_dtype = torch.float32
         self.rows_computed = 0
+        self.compiled = False
         if settings.mode == "augmented":
             datamodule.use_stored_views(settings.views)
 
     def train(self, mode: bool = True) -> "CachedTeacher":
         return super().train(False)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``perf.compile``: compile the network (the lookup gains nothing); compiled logits get their own key."""
+        self.live.compile(*args, **kwargs)
+        self.compiled = True
 
     @property
     def feature_module(self) -> torch.nn.Module:
@@ -250,6 +256,7 @@ class CachedTeacher(Teacher):
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "channels_last": self.channels_last,
+            "compiled": self.compiled,
             "rows": len(ds) * self.settings.views,
             "classes": int(num_classes),
         }
