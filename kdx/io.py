@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import fcntl
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,3 +124,26 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], pa
         lines.append(f"Check the architecture and dataset, or set {setting} to a matching checkpoint.")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted key: leaf}`` (an empty mapping stays a leaf), for config diffs and keys."""
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: obj}
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created with its folder): one process at a time across jobs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -237,19 +237,12 @@ class Report:
         return counts
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _config_differences(runs: list[Run], limit: int = 4) -> tuple[str, ...]:
     """Config keys in which duplicate runs differ (paths and output folders left out): a sweep over a
     hyper-parameter at a fixed seed shows up here, a plain rerun shows nothing."""
-    flats = [_flat(r.data.get("config") or {}) for r in runs]
+    from kdx.io import flatten  # here: kdx.io imports torch, which a report does not otherwise need
+
+    flats = [flatten(r.data.get("config") or {}) for r in runs]
     keys = sorted(set().union(*flats))
     skip = ("paths.", "hydra.", "logger.", "ckpt_path")
     diff = [k for k in keys if not k.startswith(skip) and "output_dir" not in k and "save_dir" not in k

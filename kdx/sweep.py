@@ -192,24 +192,16 @@ def launcher_gpus(accelerator: Any, devices: Any, where: str = "slurm") -> Optio
 # Fingerprint, skip, resume (called at the start of kdx.runner.run)
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    return {prefix: obj}
-
-
 def fingerprint_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config without the keys in :data:`FINGERPRINT_EXCLUDE`, as a flat ``{dotted key: value}``."""
     from kdx.config import resolved
+    from kdx.io import flatten
 
     if isinstance(cfg, DictConfig):
         container = OmegaConf.to_container(resolved(cfg), resolve=True)
     else:
         container = dict(cfg)
-    flat = {k: v for k, v in sorted(_flatten(container).items()) if not _excluded(k, FINGERPRINT_EXCLUDE)}
+    flat = {k: v for k, v in sorted(flatten(container).items()) if not _excluded(k, FINGERPRINT_EXCLUDE)}
     return json.loads(json.dumps(flat, default=str))  # as it reads back from the file (lists, str for odd types)
 
 

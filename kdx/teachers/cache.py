@@ -49,7 +49,6 @@ build naming ``teacher.cache=off``.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -67,7 +66,7 @@ from torch import Tensor
 from kdx.config import ConfigError
 from kdx.data.augment import VIEW_SEED, draw_view
 from kdx.distill.base import ModelOutput
-from kdx.io import atomic_write_json
+from kdx.io import atomic_write_json, file_lock, flatten
 from kdx.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -279,7 +278,7 @@ class CachedTeacher(Teacher):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = self.settings.root / _safe(self.dataset_key) / _safe(str(key["teacher"]["arch"])) / f"{key['mode']}-{digest}"
         self.folder = folder
-        with _file_lock(folder) if rank == 0 else nullcontext():
+        with file_lock(folder.parent / f".{folder.name}.lock") if rank == 0 else nullcontext():
             if rank == 0:
                 _prepare_files(folder, key, dtype)
             strategy.barrier("kdx_teacher_cache_open")
@@ -365,29 +364,9 @@ def _safe(part: str) -> str:
     return "".join(c if c.isalnum() or c in "._+-" else "_" for c in part)
 
 
-@contextmanager
-def _file_lock(folder: Path) -> Iterator[None]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def key_diff(old: Optional[dict], new: dict) -> str:
     """``"teacher.sha256: 1a2b… → 3c4d…, transform.pad: 4 → 2"``: what differs between two keys."""
-    a, b = _flat(old or {}), _flat(new)
+    a, b = flatten(old or {}), flatten(new)
     short = lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 14 else v  # noqa: E731
     return ", ".join(f"{k}: {short(a.get(k))} → {short(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
 

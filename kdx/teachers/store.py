@@ -8,7 +8,6 @@ lock and trains, the others wait and then find it.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from kdx.io import CheckpointError, atomic_path, atomic_write_json, sha256_file
+from kdx.io import CheckpointError, atomic_path, file_lock, atomic_write_json, sha256_file
 
 WEIGHTS, SIDECAR = "teacher.pt", "teacher.json"
 
@@ -36,13 +35,8 @@ class TeacherStore:
     @contextmanager
     def lock(self, dataset_key: str, arch: str) -> Iterator[None]:
         d = self.entry_dir(dataset_key, arch)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        with open(d.parent / f".{d.name}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(d.parent / f".{d.name}.lock"):
+            yield
 
     def lookup(self, dataset_key: str, arch: str) -> Optional[tuple[Path, dict[str, Any]]]:
         """The weights path and sidecar of a stored teacher, checked against its sha256."""
