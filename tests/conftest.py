@@ -58,6 +58,18 @@ def compose_cfg(overrides: list[str], tmp_path: Path, name: str = "run"):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from a second one, and on a shared machine
+    OpenMP's waiting threads made them several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny():
     return list(TINY)
 

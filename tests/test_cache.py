@@ -29,14 +29,7 @@ from kdx.teachers.network import NetworkTeacher
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from a second one, and on a shared machine
-    OpenMP's waiting threads made them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------------ helpers
 class _Strategy:

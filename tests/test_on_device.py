@@ -24,14 +24,7 @@ from kdx.runner import run
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from a second one, and on a shared machine
-    OpenMP's waiting threads made them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _dm(**kw) -> SyntheticDataModule:
     args = dict(num_classes=10, train_size=100, test_size=40, batch_size=16, seed=3)
