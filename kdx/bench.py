@@ -156,7 +156,7 @@ class StepTimer:
 
 # ---------------------------------------------------------------------------------------- the two paths
 def build_job(method: str, pair: str, precision: str, batch: int, total_steps: int, workdir: Path,
-              num_classes: int = 100):
+              num_classes: int = 100, extra: tuple[str, ...] = ()):
     from kdx.runner import build
 
     teacher_arch, student_arch = PAIRS[pair]
@@ -176,7 +176,7 @@ def build_job(method: str, pair: str, precision: str, batch: int, total_steps: i
         overrides += ["teacher.ae.epochs=1", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=2"]
     elif method != "none":
         overrides.append(f"teacher.ckpt={_random_teacher(teacher_arch, num_classes, workdir)}")
-    cfg = compose(overrides, workdir)
+    cfg = compose(overrides + list(extra), workdir)
     return cfg, build(cfg)
 
 
@@ -268,6 +268,29 @@ def run_case(method: str, pair: str, precision: str, batch: int, warmup: int, st
     }
 
 
+def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, workdir: Path,
+               views: int = 4) -> dict[str, Any]:
+    """KD steps with the live teacher vs with the teacher-logit cache (``teacher.cache=augmented``, warm).
+
+    The cache is filled by a pre-pass when ``fit`` starts, before the first step, so the timed steps read a
+    warm cache; the fill (``views`` teacher passes over the split) is reported on its own.
+    """
+    total = warmup + steps
+    rows = {}
+    for mode in ("off", "augmented"):
+        extra = (f"teacher.cache={mode}", f"teacher.cache_views={views}", f"paths.cache_dir={workdir / 'cache'}")
+        _, job = build_job("kd", pair, precision, batch, total, workdir / mode, extra=extra)
+        ips, mem = kdx_path(job, warmup, steps)
+        fill_s = (getattr(job.module.teacher, "resources", None) or {}).get("teacher_cache_fill_s")
+        rows[mode] = (ips, mem, fill_s)
+    (live, mem_live, _), (cached, mem_cached, fill_s) = rows["off"], rows["augmented"]
+    return {"case": f"cache/kd/{pair}/{precision}", "method": "cache", "pair": pair, "precision": precision,
+            "batch": batch, "steps": steps, "device": _device_name(), "kdx_img_s": round(cached, 2),
+            "live_teacher_img_s": round(live, 2), "ratio_cached_over_live": round(cached / live, 4),
+            "cache_views": views, "cache_fill_s": fill_s, "cache_fill_images": views * batch * total,
+            "peak_mem_mb_kdx": round(mem_cached, 1), "peak_mem_mb_live": round(mem_live, 1)}
+
+
 def data_case(batch: int, steps: int, workdir: Path) -> dict[str, Any]:
     """The kdx data path alone on the real CIFAR-10 copy: loader + on-device crop/flip + normalise."""
     from kdx.runner import instantiate_unwrapped
@@ -304,10 +327,17 @@ def _device_name() -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    fp32_bare = {(r["method"], r["pair"]): r["bare_img_s"] for r in rows if r.get("precision") == "fp32"}
+    fp32_bare = {(r["method"], r["pair"]): r["bare_img_s"] for r in rows
+                 if r.get("precision") == "fp32" and "bare_img_s" in r}
     head = ["case", "kdx img/s", "bare img/s", "kdx/bare", "fast kdx / fp32 bare", "peak MB kdx/bare"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if r["method"] == "cache":
+            lines.append(f"| {r['case']} (teacher.cache=augmented, {r['cache_views']} views, warm) | "
+                         f"{r['kdx_img_s']:.1f} | live teacher {r['live_teacher_img_s']:.1f} | "
+                         f"{r['ratio_cached_over_live']:.2f}× (cached/live) | fill {r['cache_fill_s']} s | "
+                         f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_live']:.0f} |")
+            continue
         if r["method"] == "data":
             lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} | – | – | – "
                          f"| {r['peak_mem_mb_kdx']} |")
@@ -329,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--data", action="store_true", help="add the data-loading case on the real CIFAR-10 copy")
     p.add_argument("--data-only", action="store_true", help="only the data-loading case")
+    p.add_argument("--cache", action="store_true",
+                   help="add the teacher-logit cache case (KD on each pair, live teacher vs warm cache)")
+    p.add_argument("--cache-only", action="store_true", help="only the cache case")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -343,23 +376,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"unknown case name(s) {bad}: methods {METHODS}, pairs {list(PAIRS)}, precisions {list(PRECISIONS)}")
     rows: list[dict[str, Any]] = []
     out = open(a.out, "w") if a.out else None
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        line = json.dumps({"bench": row})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+
     with tempfile.TemporaryDirectory(prefix="kdx-bench-") as tmp:
-        cases = [] if a.data_only else [(m, q, pr) for q in a.pairs.split(",") for m in a.methods.split(",")
+        only = a.data_only or a.cache_only
+        cases = [] if only else [(m, q, pr) for q in a.pairs.split(",") for m in a.methods.split(",")
                                         for pr in a.precisions.split(",")]
         for m, q, pr in cases:
-            row = run_case(m, q, pr, a.batch, a.warmup, a.steps, Path(tmp) / f"{m}-{q}-{pr}")
-            rows.append(row)
-            line = json.dumps({"bench": row})
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
+            emit(run_case(m, q, pr, a.batch, a.warmup, a.steps, Path(tmp) / f"{m}-{q}-{pr}"))
+        if a.cache or a.cache_only:
+            for q in a.pairs.split(","):
+                for pr in a.precisions.split(","):
+                    emit(cache_case(q, pr, a.batch, a.warmup, a.steps, Path(tmp) / f"cache-{q}-{pr}"))
         if a.data or a.data_only:
-            row = data_case(a.batch, max(a.steps, 20), Path(tmp) / "data")
-            rows.append(row)
-            line = json.dumps({"bench": row})
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
+            emit(data_case(a.batch, max(a.steps, 20), Path(tmp) / "data"))
     if out:
         out.close()
     print("\n" + table(rows), flush=True)

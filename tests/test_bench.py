@@ -25,3 +25,13 @@ def test_bench_rejects_an_unknown_case(capsys):
         bench.main(["--methods", "fitnet"])
     assert e.value.code == 2
     assert "fitnet" in capsys.readouterr().err
+
+
+def test_bench_cache_case_reports_live_and_cached_rates(capsys):
+    assert bench.main(["--cache-only", "--pairs", "wrn40_2_wrn16_2", "--precisions", "fp32",
+                       "--warmup", "1", "--steps", "2", "--batch", "8"]) == 0
+    rows = [json.loads(line)["bench"] for line in capsys.readouterr().out.splitlines() if line.startswith('{"bench"')]
+    assert [r["case"] for r in rows] == ["cache/kd/wrn40_2_wrn16_2/fp32"]
+    r = rows[0]
+    assert r["live_teacher_img_s"] > 0 and r["kdx_img_s"] > 0 and r["cache_fill_s"] is not None
+    assert r["cache_fill_images"] == 4 * 8 * 3  # 4 views of every image of the 3-step split
