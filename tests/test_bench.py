@@ -1,7 +1,11 @@
 """``python -m kdx.bench`` runs a case end to end (the numbers are a benchmark's, not asserted)."""
 import json
 
+import pytest
+
 from kdx import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_runs_one_tiny_case_and_prints_json_and_table(capsys, tmp_path):
@@ -19,8 +23,6 @@ def test_bench_runs_one_tiny_case_and_prints_json_and_table(capsys, tmp_path):
 
 
 def test_bench_rejects_an_unknown_case(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         bench.main(["--methods", "fitnet"])
     assert e.value.code == 2
