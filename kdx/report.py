@@ -287,31 +287,48 @@ def _teacher_cell(runs: list[Run]) -> Cell:
     return cell
 
 
+def _table_teacher(r: Run) -> bool:
+    """A run whose teacher is a soft-label table (ReffAKD), not a network: it has no teacher → student pair."""
+    info = r.data.get("teacher_info") or {}
+    return r.data.get("teacher_network") is False or "table_sha256" in info
+
+
 def build(runs: list[Run], unfinished: list[Unfinished], sources: Iterable[Path] = ()) -> Report:
-    """Rows per (dataset, teacher, student); baselines joined to every row of their dataset and student."""
+    """Rows per (dataset, teacher, student). Baselines, and runs whose teacher is a label table (ReffAKD:
+    no teacher network), join every row of their dataset and student; alone, they get their own row."""
     distilled: dict[tuple[str, str, str], dict[str, list[Run]]] = {}
     baselines: dict[tuple[str, str], list[Run]] = {}
+    tables: dict[tuple[str, str], dict[str, list[Run]]] = {}
     for r in runs:
         ds, st = str(r.data["dataset"]), str(r.data["student"])
         if r.method == "none":
             baselines.setdefault((ds, st), []).append(r)
+        elif _table_teacher(r):
+            tables.setdefault((ds, st), {}).setdefault(r.method, []).append(r)
         else:
             teacher = str(r.data.get("teacher") or "?")
             distilled.setdefault((ds, teacher, st), {}).setdefault(r.method, []).append(r)
+    for (ds, st), by_method in tables.items():  # no network-teacher row to join: a row of their own
+        if not any(k[0] == ds and k[2] == st for k in distilled):
+            for method, rs in by_method.items():
+                teacher = str(rs[0].data.get("teacher") or "?")
+                distilled.setdefault((ds, teacher, st), {})[method] = rs
+            tables[(ds, st)] = {}
     keys: list[tuple[str, Optional[str], str]] = list(distilled)
     keys += [(ds, None, st) for ds, st in baselines if not any(k[0] == ds and k[2] == st for k in distilled)]
     rows = []
     for ds, teacher, st in sorted(keys, key=lambda k: (k[0], k[1] is None, k[1] or "", k[2])):
         row = Row(ds, teacher, st)
         by_method = distilled.get((ds, teacher or "", st), {}) if teacher else {}
-        row_runs = [r for rs in by_method.values() for r in rs]
+        row_runs = [r for rs in by_method.values() for r in rs if not _table_teacher(r)]
         if row_runs:
             row.cells["teacher"] = _teacher_cell(row_runs)
         if (ds, st) in baselines:
             base = baselines[(ds, st)]
             cell = row.cells["baseline"] = Cell("baseline", papers=_papers(base + row_runs, "student"))
             _fill(cell, base, f"{ds} {st} baseline")
-        for method, rs in sorted(by_method.items()):
+        joined = dict(tables.get((ds, st), {})) if teacher else {}
+        for method, rs in sorted({**joined, **by_method}.items()):
             cell = row.cells[method] = Cell(method, papers=_papers(rs, method))
             _fill(cell, rs, f"{ds} {row.title} {method}")
         rows.append(row)

@@ -253,6 +253,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_selected_on": "held-out validation split" if module.has_heldout_val else "test split (mdistiller protocol)",
         "teacher_acc1": module.teacher_acc1,
         "teacher_info": None if teacher is None else teacher.info,
+        "teacher_network": None if teacher is None else bool(getattr(teacher, "has_network", True)),
         "resources": _resources(module, wall),
         "wall_time_s": round(wall, 2),
         "started": started,

@@ -233,3 +233,23 @@ def test_cli_empty_or_missing_folder_exits_2(tmp_path):
         proc = cli(str(folder), "--no-plots")
         assert proc.returncode == 2 and str(folder) in proc.stderr, proc.stderr
     assert "0_x: no results.json; no checkpoint saved" in proc.stderr
+
+
+def test_table_teacher_runs_join_the_network_teacher_row(tmp_path):
+    """ReffAKD's teacher is a label table: its column sits in the row of the same student, like the baseline."""
+    s = tmp_path / "sweep"
+    job(s, "0_none", result("none", 0, 60.0, 59.0))
+    job(s, "1_kd", result("kd", 0, 64.0, 63.0))
+    table = result("reffakd", 0, 55.0, 54.0) | {"teacher": "reffakd", "pair": "reffakd-resnet8x4",
+                                                  "teacher_acc1": None, "teacher_network": False,
+                                                  "teacher_info": {"arch": "reffakd", "table_sha256": "f00"}}
+    job(s, "2_reffakd", table)
+    rows = report.load([s]).rows
+    assert len(rows) == 1 and rows[0].title == "resnet32x4 → resnet8x4"
+    assert rows[0].cells["reffakd"].values["best"] == [55.0]
+    assert rows[0].cells["teacher"].values["best"] == [79.3]  # the network teacher's accuracy only
+    # alone (no network-teacher run of that student), the table teacher keeps a row of its own
+    alone = tmp_path / "alone"
+    job(alone, "0_reffakd", table)
+    (row,) = report.load([alone]).rows
+    assert row.title == "reffakd → resnet8x4" and "teacher" not in row.cells
