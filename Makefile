@@ -54,7 +54,7 @@ clean-outputs:
 	rm -rf outputs multirun/*/
 
 # Speed: kdx's full training path vs a bare PyTorch loop, per method, pair and precision (a table + JSON lines).
-BENCH_ARGS ?= --data
+BENCH_ARGS ?= --data --cache
 bench: install
 	$(BIN)/python -m kdx.bench $(BENCH_ARGS)
 
