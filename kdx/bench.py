@@ -8,8 +8,8 @@
   ``warmup + steps`` steps; the timed window is the last ``steps`` steps (data fetch, on-device
   augmentation, forward, loss, backward, optimiser step, logging).
 - **bare**: a plain loop written here, on the *same* objects the kdx job built (student,
-  teacher network, strategy with its trainable parts and feature hooks), one fixed, already
-  normalised batch, the same precision (``torch.autocast`` for bf16) and memory format, and
+  teacher network, strategy with its trainable parts and feature hooks), one fixed uint8 batch on
+  the device given the same crop/flip + normalisation each step as kdx's path, the same precision (``torch.autocast`` for bf16) and memory format, and
   ``torch.optim.SGD`` with the config's settings. No Lightning, no logging, no data loader.
 
 The bare loop runs before and after the kdx run; the ratio is kdx over the mean of the two.
@@ -195,10 +195,7 @@ def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
     strategy.train()
     dm = job.datamodule
     dm.setup("fit")
-    x, y, idx = next(iter(dm.train_dataloader()))
-    x, y, idx = dm.transform_batch((x.to(device), y.to(device), idx.to(device)), train=True, epoch=0)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    raw = tuple(t.to(device) for t in next(iter(dm.train_dataloader())))  # one uint8 batch, kept on the device
     params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
     o = cfg.optim
     opt = torch.optim.SGD(params, lr=float(o.lr), momentum=float(o.get("momentum", 0.0)),
@@ -206,15 +203,19 @@ def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
     precision = str(cfg.trainer.precision)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
            else contextlib.nullcontext())
-    b = Batch(x, y, idx)
 
     def step() -> None:
+        # the same per-step data work as kdx's path: crop/flip + normalise on the device (no loader)
+        x, y, idx = dm.transform_batch(raw, train=True, epoch=0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        b = Batch(x, y, idx)
         with amp:
             teacher_out = None
             if teacher is not None:
                 with torch.no_grad(), capture(module.teacher_taps) as tf:
-                    raw = teacher(x, y, idx)
-                teacher_out = ModelOutput(strategy.transform_teacher(raw.logits, y), {**raw.features, **tf})
+                    out = teacher(x, y, idx)
+                teacher_out = ModelOutput(strategy.transform_teacher(out.logits, y), {**out.features, **tf})
             with capture(module.student_taps) as sf:
                 logits = student(x)
             terms = strategy(ModelOutput(logits, sf), teacher_out, b, 1)
@@ -232,7 +233,7 @@ def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
             step()
         _sync(device)
         seconds = time.perf_counter() - t0
-    return steps * x.shape[0] / seconds, mem.peak_mb
+    return steps * raw[0].shape[0] / seconds, mem.peak_mb
 
 
 def kdx_path(job, warmup: int, steps: int) -> tuple[float, float]:
