@@ -365,12 +365,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-only", action="store_true", help="only the cache case")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    with _quiet_logs():
+        return _main(a, p)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Lightning's and kdx's INFO lines off while benchmarking; the levels are restored afterwards."""
     import lightning.pytorch  # noqa: F401  (its loggers exist once imported)
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("lightning", "kdx")):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(("lightning", "kdx"))]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     bad = [m for m in a.methods.split(",") if m not in METHODS] + [q for q in a.pairs.split(",") if q not in PAIRS] \
         + [q for q in a.precisions.split(",") if q not in PRECISIONS]
     if bad:

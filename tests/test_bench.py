@@ -9,7 +9,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_runs_one_tiny_case_and_prints_json_and_table(capsys, tmp_path):
+    import logging
+
     out = tmp_path / "bench.jsonl"
+    before = logging.getLogger("kdx").level
     assert bench.main(["--methods", "dkd", "--pairs", "wrn40_2_wrn16_2", "--precisions", "fp32",
                        "--warmup", "1", "--steps", "2", "--batch", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -20,6 +23,7 @@ def test_bench_runs_one_tiny_case_and_prints_json_and_table(capsys, tmp_path):
     assert abs(r["ratio_kdx_over_bare"] - r["kdx_img_s"] / r["bare_img_s"]) < 1e-2
     assert "| dkd/wrn40_2_wrn16_2/fp32 |" in printed
     assert json.loads(out.read_text().splitlines()[0])["bench"]["case"] == r["case"]
+    assert logging.getLogger("kdx").level == before  # quietened while benchmarking only
 
 
 def test_bench_rejects_an_unknown_case(capsys):
