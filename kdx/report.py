@@ -178,6 +178,11 @@ class Cell:
         return [r.data.get("seed") for r in self.runs]
 
     @property
+    def epochs(self) -> list[Any]:
+        """The training budgets of the averaged runs: more than one means the cell mixes budgets."""
+        return sorted({r.data.get("epochs") for r in self.runs}, key=str)
+
+    @property
     def paper(self) -> Optional[float]:
         """The paper number, only when all runs that carry one agree."""
         return self.papers[0] if len(self.papers) == 1 else None
@@ -354,6 +359,8 @@ def format_cell(cell: Optional[Cell], metric: str) -> str:
         text = f"{mean:.2f} ± {std:.2f} (n={n})"
     if cell.duplicates:
         text += " †"
+    if len(cell.epochs) > 1:  # averaged, but never silently: the reader sees the budgets differ
+        text += "; mixes epochs " + "/".join(str(e) for e in cell.epochs)
     if len(cell.papers) > 1:
         text += "; paper: runs disagree (" + ", ".join(f"{p:.2f}" for p in cell.papers) + ")"
     elif cell.paper is not None:

@@ -253,3 +253,13 @@ def test_table_teacher_runs_join_the_network_teacher_row(tmp_path):
     job(alone, "0_reffakd", table)
     (row,) = report.load([alone]).rows
     assert row.title == "reffakd → resnet8x4" and "teacher" not in row.cells
+
+
+def test_a_cell_mixing_training_budgets_says_so(tmp_path):
+    s = tmp_path / "sweep"
+    job(s, "0_kd", result("kd", 0, 70.0, 69.0))
+    job(s, "1_kd", result("kd", 1, 60.0, 59.0) | {"epochs": 12})  # another budget (the fixture's is 3)
+    (row,) = report.load([s]).rows
+    text = report.format_cell(row.cells["kd"], "best")
+    assert text.startswith("65.00 ± 7.07 (n=2)") and "mixes epochs 12/3" in text
+    assert "mixes epochs" not in report.format_cell(row.cells["teacher"], "best")
