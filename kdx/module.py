@@ -87,11 +87,11 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_to_device()
-        if hasattr(self.teacher, "fill"):  # teacher.cache: compute the missing logits once (kdx.teachers.cache)
+        if self.teacher is not None:  # e.g. teacher.cache: compute the missing logits once (kdx.teachers.cache)
             self.teacher.fill(self.trainer, self._prep)
 
     def on_train_epoch_start(self) -> None:
-        if hasattr(self.teacher, "set_epoch"):  # the cache's stored view of each sample depends on the epoch
+        if self.teacher is not None:  # e.g. the cache's stored view of each sample depends on the epoch
             self.teacher.set_epoch(self.current_epoch)
 
     def on_validation_start(self) -> None:
@@ -173,8 +173,7 @@ class DistillModule(pl.LightningModule):
             and self.teacher.measures_accuracy
             and dataloader_idx == self._test_loader_idx()
         ):
-            live = getattr(self.teacher, "live", self.teacher)  # a cached teacher knows training samples only
-            self.teacher_top1.update(live(x, y, idx).logits, y)
+            self.teacher_top1.update(self.teacher.for_evaluation()(x, y, idx).logits, y)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -201,7 +200,7 @@ class DistillModule(pl.LightningModule):
             metrics["test/acc1_epoch"] = test1
         if self.teacher_acc1 is not None:
             metrics["teacher/acc1"] = self.teacher_acc1
-        if hasattr(self.teacher, "metrics"):
+        if self.teacher is not None:
             metrics.update(self.teacher.metrics())
         self.log_dict(metrics, prog_bar=False, add_dataloader_idx=False, sync_dist=False)
         self.log("val/acc1", val1, prog_bar=True, add_dataloader_idx=False)

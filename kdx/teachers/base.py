@@ -8,7 +8,7 @@ where a missing artifact (a teacher checkpoint, a soft-label table) is found or 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 from torch import Tensor
@@ -26,3 +26,18 @@ class Teacher(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, idx: Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
+
+    # Hooks the module calls around training (no-ops here; the teacher-logit cache uses them)
+    def fill(self, trainer: Any, prep: Callable[[Tensor], Tensor]) -> None:
+        """At fit start, before the first step: build what training steps will read."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """At the start of each training epoch (0-based)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Extra values logged with each validation."""
+        return {}
+
+    def for_evaluation(self) -> "Teacher":
+        """The teacher that scores held-out images (its own accuracy); a cache of training logits defers."""
+        return self

@@ -188,6 +188,9 @@ class CachedTeacher(Teacher):
         self.live.compile(*args, **kwargs)
         self.compiled = True
 
+    def for_evaluation(self) -> Teacher:
+        return self.live  # the cache holds training-split logits only
+
     @property
     def feature_module(self) -> torch.nn.Module:
         return self.live.feature_module
