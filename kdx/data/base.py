@@ -118,8 +118,8 @@ class DeviceBatches:
     A loader for ``data.on_device=true``: the split is copied to ``device`` once (uint8) and
     each batch is one index gather there, so no DataLoader, worker or host-to-device copy
     runs per step. The batches are those of ``DataLoader(dataset, batch_size=None,
-    sampler=sampler)``: the same indices in the same order (one index tensor per epoch,
-    from ``sampler.indices()``, cut as ``EpochBatchSampler.__iter__`` cuts it), the same
+    sampler=sampler)``: the same indices in the same order (``EpochBatchSampler.index_batches``,
+    which ``__iter__`` also yields), the same
     DDP shard; Lightning finds ``sampler.set_epoch`` as on a DataLoader.
     """
 
@@ -146,11 +146,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         x, y = self._split()
-        s = self.sampler
-        idx = s.indices().to(self.device)
-        stop = len(idx) - len(idx) % s.batch_size if s.drop_last else len(idx)
-        for start in range(0, stop, s.batch_size):
-            i = idx[start : start + s.batch_size]
+        for i in self.sampler.index_batches(self.device):
             yield x[i], y[i], i
 
 

@@ -104,12 +104,17 @@ class EpochBatchSampler(Sampler[list[int]]):
                 perm = perm.repeat(reps)[:total]
         return perm[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        idx = self.indices().tolist()
+    def index_batches(self, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        """This epoch's batches as int64 index tensors (on ``device``): what ``__iter__`` yields as lists."""
+        idx = self.indices() if device is None else self.indices().to(device)
         bs = self.batch_size
         stop = len(idx) - len(idx) % bs if self.drop_last else len(idx)
         for start in range(0, stop, bs):
             yield idx[start : start + bs]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.index_batches():
+            yield batch.tolist()
 
     def __len__(self) -> int:
         if self.drop_last:
