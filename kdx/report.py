@@ -342,10 +342,6 @@ def build(runs: list[Run], unfinished: list[Unfinished], sources: Iterable[Path]
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _num(x: Optional[float]) -> str:
-    return "" if x is None else f"{x:.2f}"
-
-
 def format_cell(cell: Optional[Cell], metric: str) -> str:
     """``mean ± std (n=k)`` (the value alone for n=1), † for a duplicated seed, then the paper and Δ."""
     if cell is None:
