@@ -3,12 +3,13 @@
 ``python -m kdx.bench`` (``make bench``) times the same training step two ways for each case:
 
 - **kdx**: the real Hydra config composed in-process (``data=synthetic``, the pair's models,
-  ``distill=<method>``), built by :func:`kdx.runner.build` (LightningModule, Trainer,
+  ``distill=<method>``), built by :func:`kdx.build.build` (LightningModule, Trainer,
   checkpoint and LR callbacks, CSV logger; progress bar off) and run with ``trainer.fit`` for
   ``warmup + steps`` steps; the timed window is the last ``steps`` steps (data fetch, on-device
   augmentation, forward, loss, backward, optimiser step, logging).
 - **bare**: a plain loop written here, on the *same* objects the kdx job built (student,
-  teacher network, strategy with its trainable parts and feature hooks), one fixed uint8 batch on
+  teacher network, strategy with its trainable parts and feature hooks) and the same step function
+  (:func:`kdx.regimes.step.distill_step`), one fixed uint8 batch on
   the device given the same crop/flip + normalisation each step as kdx's path, the same precision (``torch.autocast`` for bf16) and memory format, and
   ``torch.optim.SGD`` with the config's settings. No Lightning, no logging, no data loader.
 
@@ -157,13 +158,14 @@ class StepTimer:
 # ---------------------------------------------------------------------------------------- the two paths
 def build_job(method: str, pair: str, precision: str, batch: int, total_steps: int, workdir: Path,
               num_classes: int = 100, extra: tuple[str, ...] = ()):
-    from kdx.runner import build
+    from kdx.build import build
+    from kdx.run import run
 
     teacher_arch, student_arch = PAIRS[pair]
     overrides = [
         "data=synthetic", f"data.num_classes={num_classes}", f"data.train_size={batch * total_steps}",
         "data.test_size=64", f"data.batch_size={batch}", "data.drop_last=true",
-        f"model={student_arch}", f"model@teacher.model={teacher_arch}", f"distill={method}",
+        f"model={student_arch}", f"teacher_arch={teacher_arch}", f"distill={method}",
         "optim=sgd", "scheduler=constant", "trainer.max_epochs=1",
         "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
         "logger=csv", "progress_bar=none", "seed=0",
@@ -177,13 +179,13 @@ def build_job(method: str, pair: str, precision: str, batch: int, total_steps: i
     elif method != "none":
         overrides.append(f"teacher.ckpt={_random_teacher(teacher_arch, num_classes, workdir)}")
     cfg = compose(overrides + list(extra), workdir)
-    return cfg, build(cfg)
+    return cfg, build(cfg, run_job=run)
 
 
 def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
     """Images/s and peak memory of ``steps`` plain-PyTorch steps on the job's own objects."""
-    from kdx.distill.base import Batch, ModelOutput
-    from kdx.features import capture
+    from kdx.distill.base import Batch
+    from kdx.regimes.step import distill_step
 
     module, cfg = job.module, job.cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,17 +211,8 @@ def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
         x, y, idx = dm.transform_batch(raw, train=True, epoch=0)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        b = Batch(x, y, idx)
         with amp:
-            teacher_out = None
-            if teacher is not None:
-                with torch.no_grad(), capture(module.teacher_taps) as tf:
-                    out = teacher(x, y, idx)
-                teacher_out = ModelOutput(strategy.transform_teacher(out.logits, y), {**out.features, **tf})
-            with capture(module.student_taps) as sf:
-                logits = student(x)
-            terms = strategy(ModelOutput(logits, sf), teacher_out, b, 1)
-            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            loss, _ = distill_step(module.step_parts, Batch(x, y, idx), 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -271,7 +264,7 @@ def run_case(method: str, pair: str, precision: str, batch: int, warmup: int, st
 
 def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, workdir: Path,
                views: int = 4) -> dict[str, Any]:
-    """KD steps with the live teacher vs with the teacher-logit cache (``teacher.cache=augmented``, warm).
+    """KD steps with the live teacher vs with the teacher-logit cache (``teacher_cache=augmented``, warm).
 
     The cache is filled by a pre-pass when ``fit`` starts, before the first step, so the timed steps read a
     warm cache; the fill (``views`` teacher passes over the split) is reported on its own.
@@ -279,10 +272,11 @@ def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, w
     total = warmup + steps
     rows = {}
     for mode in ("off", "augmented"):
-        extra = (f"teacher.cache={mode}", f"teacher.cache_views={views}", f"paths.cache_dir={workdir / 'cache'}")
+        extra = (f"teacher_cache={mode}", f"paths.cache_dir={workdir / 'cache'}") + \
+            ((f"teacher_cache.views={views}",) if mode == "augmented" else ())
         _, job = build_job("kd", pair, precision, batch, total, workdir / mode, extra=extra)
         ips, mem = kdx_path(job, warmup, steps)
-        fill_s = (getattr(job.module.teacher, "resources", None) or {}).get("teacher_cache_fill_s")
+        fill_s = job.module.teacher.resources.get("teacher_cache_fill_s")
         rows[mode] = (ips, mem, fill_s)
     (live, mem_live, _), (cached, mem_cached, fill_s) = rows["off"], rows["augmented"]
     return {"case": f"cache/kd/{pair}/{precision}", "method": "cache", "pair": pair, "precision": precision,
@@ -294,12 +288,10 @@ def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, w
 
 def data_case(batch: int, steps: int, workdir: Path) -> dict[str, Any]:
     """The kdx data path alone on the real CIFAR-10 copy: loader + on-device crop/flip + normalise."""
-    from kdx.runner import instantiate_unwrapped
+    from kdx.build import instantiate_data
 
     cfg = compose(["data=cifar10", f"data.batch_size={batch}"], workdir)
-    dm = instantiate_unwrapped(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = instantiate_data(cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = dm.train_dataloader()
     n, t0 = 0, None
@@ -334,7 +326,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["method"] == "cache":
-            lines.append(f"| {r['case']} (teacher.cache=augmented, {r['cache_views']} views, warm) | "
+            lines.append(f"| {r['case']} (teacher_cache=augmented, {r['cache_views']} views, warm) | "
                          f"{r['kdx_img_s']:.1f} | live teacher {r['live_teacher_img_s']:.1f} | "
                          f"{r['ratio_cached_over_live']:.2f}× (cached/live) | fill {r['cache_fill_s']} s | "
                          f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_live']:.0f} |")

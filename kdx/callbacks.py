@@ -1,195 +1,58 @@
-"""Callbacks and loggers built from the config (``logger=``, ``checkpoint``, ``progress_bar``)."""
+"""Callbacks: kdx's own (the LR monitor that needs no logger, the teacher's pictures) and the ``callbacks`` config
+group's instantiation (``conf/callbacks/``: one node per callback; null removes one)."""
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLRMonitor
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
 
-class LoggerStartError(RuntimeError):
-    pass
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """One callback per non-null node of ``cfg.callbacks`` (the progress bar included)."""
+    nodes = cfg.get("callbacks") or {}
+    return [instantiate(node) for node in nodes.values() if node is not None]
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path, with_logger: bool) -> list[Any]:
-    ck = cfg.checkpoint
-    callbacks: list[Any] = [
-        ModelCheckpoint(
-            dirpath=str(output_dir / "checkpoints"),
-            filename="best-epoch{epoch:03d}",
-            auto_insert_metric_name=False,
-            monitor=ck.monitor,
-            mode=ck.mode,
-            save_top_k=ck.save_top_k,
-            save_last=ck.save_last,
-            every_n_epochs=ck.every_n_epochs,
-        )
-    ]
-    bar = cfg.progress_bar
-    if bar == "rich":
-        callbacks.append(RichProgressBar(leave=True))
-    elif bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
-    elif bar not in ("none", None, False):
-        raise ValueError(f"progress_bar={bar!r}: use rich, tqdm or none.")
-    if with_logger:
-        callbacks += [LearningRateMonitor(logging_interval="epoch"), LogTeacherImages()]
-    return callbacks
+class LearningRateMonitor(_LightningLRMonitor):
+    """Lightning's LR monitor, which does nothing when the run has no logger (Lightning's refuses to start)."""
 
+    def on_train_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
 
-@dataclass(frozen=True)
-class SweepInfo:
-    """The Hydra multirun a job belongs to: its folder (the sweep's identity) and the job's number."""
+    def on_train_batch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
 
-    dir: str
-    job: int
-
-
-def hydra_sweep() -> Optional[SweepInfo]:
-    """This job's Hydra sweep, or ``None`` for a single run (and outside Hydra: tests, the Python API).
-
-    The sweep folder is given relative to the working folder (``multirun/2026-11-25/07-43-11``) when it
-    lies under it: readable in W&B, and the same string for every job of one ``-m`` invocation (Hydra
-    resolves ``${now:...}`` once per sweep), whichever launcher runs the jobs.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.get("mode") != RunMode.MULTIRUN:
-        return None
-    folder = Path(str(hc.sweep.dir))
-    if folder.is_absolute():
-        try:
-            folder = folder.relative_to(Path(str(hc.runtime.cwd)))
-        except ValueError:
-            pass
-    return SweepInfo(dir=folder.as_posix(), job=int(hc.job.num))
-
-
-def _fit(text: str, limit: int) -> str:
-    """``text`` within ``limit`` characters: its start and a hash, so distinct long values stay distinct."""
-    if len(text) <= limit:
-        return text
-    return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def wandb_identity(run_info: Mapping[str, Any], lcfg: Mapping[str, Any], sweep: Optional[SweepInfo],
-                   agent_run: Optional[str] = None) -> dict[str, Any]:
-    """W&B ``group``, ``name``, ``job_type`` and ``tags`` of a run; values set in ``logger.*`` win.
-
-    - group: the Hydra sweep's folder under ``-m`` (one W&B group per sweep, so its runs are compared
-      side by side), else ``<dataset>/<pair>`` (the single runs of one pair together);
-    - name: ``<method>-<pair>-seed<seed>``, plus ``-job<n>`` in a Hydra sweep, or ``-<run id>`` for a run
-      started by ``wandb agent`` (``agent_run``): jobs differing only in a hyper-parameter would otherwise
-      share a name;
-    - job_type: the method label; tags: the user's ``logger.tags``, then dataset, pair and method.
-    W&B refuses tags over 64 characters (the run would not start); tags and the job type are kept within
-    64 characters and the group within 128 (a sweep named by its overrides can be longer), start + hash.
-    """
-    method, pair, dataset = str(run_info["method"]), str(run_info["pair"]), str(run_info["dataset"])
-    name = f"{method}-{pair}-seed{run_info['seed']}"
-    if sweep is not None:
-        name += f"-job{sweep.job}"
-    elif agent_run:
-        name += f"-{agent_run}"
-    tags: list[str] = []
-    for tag in [*(lcfg.get("tags") or []), dataset, pair, method]:
-        tag = _fit(str(tag), 64)
-        if tag not in tags:
-            tags.append(tag)
-    return {
-        "group": _fit(str(lcfg.get("group") or (sweep.dir if sweep is not None else f"{dataset}/{pair}")), 128),
-        "name": lcfg.get("name") or name,
-        "job_type": _fit(str(lcfg.get("job_type") or method), 64),
-        "tags": tags,
-    }
-
-
-def _define_wandb_metrics(experiment: Any) -> None:
-    """Summaries a runs table needs: W&B keeps the last value of a metric, but accuracy is read at its best.
-
-    ``val/acc1`` and ``val/acc5`` keep their maximum and last value, ``train/loss`` its minimum and last.
-    Each keeps Lightning's x-axis (``trainer/global_step``), which an exact definition would otherwise drop.
-    """
-    for name, summary in (("val/acc1", "max,last"), ("val/acc5", "max,last"), ("train/loss", "min,last")):
-        experiment.define_metric(name, step_metric="trainer/global_step", summary=summary)
-
-
-def build_logger(cfg: DictConfig, run_info: dict[str, Any]) -> Optional[Any]:
-    """Instantiate ``cfg.logger`` (or none) and make sure it really starts (see :func:`wandb_identity`)."""
-    lcfg = cfg.get("logger")
-    if not lcfg or not lcfg.get("_target_"):
-        return None
-    target = lcfg._target_
-    is_wandb = target.endswith("WandbLogger")
-    extra: dict[str, Any] = {}
-    if is_wandb:  # `wandb agent` gives its run its id (and a sweep id) in the environment
-        agent_run = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
-        extra = wandb_identity(run_info, lcfg, hydra_sweep(), agent_run)
-    try:
-        logger = instantiate(lcfg, **extra)
-        experiment = logger.experiment  # start it now: a logger that cannot start must fail loudly, here
-        if is_wandb:
-            _define_wandb_metrics(experiment)
-    except Exception as e:
-        name = target.rsplit(".", 1)[-1]
-        raise LoggerStartError(
-            f"The logger ({name}, from logger=...) could not start: {type(e).__name__}: {e}. "
-            "Fix its settings (for W&B: logger.mode=offline|online|disabled, logger.project, WANDB_API_KEY "
-            "for online), or choose another with logger=csv|tensorboard|none."
-        ) from e
-    return logger
-
-
-def log_config(logger: Any, cfg: DictConfig) -> None:
-    if logger is not None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-
-def log_results(logger: Any, results: Mapping[str, Any]) -> None:
-    """``results.json`` into the run summary of a W&B logger (no-op for others), on rank 0.
-
-    Every field goes in as it is (nested dicts such as ``data``, ``resources`` and ``teacher_info`` stay
-    dicts, which W&B shows as ``resources.student_params``), except ``config``, which is the run config
-    already, and ``history``, which becomes a table (one row per epoch, the epoch's mean training loss
-    included, which the step-wise curves do not give).
-    """
-    experiment = getattr(logger, "experiment", None) if logger is not None else None
-    if experiment is None or not hasattr(experiment, "summary"):
-        return
-    experiment.summary.update({k: v for k, v in results.items() if k not in ("history", "config")})
-    history = results.get("history") or []
-    if history:
-        import wandb
-
-        columns = list(dict.fromkeys(k for row in history for k in row))
-        rows = [[row.get(c) for c in columns] for row in history]
-        experiment.log({"history": wandb.Table(columns=columns, data=rows)})
+    def on_train_epoch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class LogTeacherImages(Callback):
-    """Logs the teacher's pictures once when fitting starts (``teacher.images``: key → PNG file, e.g. ReffAKD's
-    class-similarity heat-map), so that a run shows the soft targets it distilled from; only with a logger
-    that takes images (``log_image``: W&B)."""
+    """Logs the teacher's pictures once when fitting starts (``Teacher.images``: key → PNG file, e.g. ReffAKD's
+    class-similarity heat-map), so that a run shows the soft targets it distilled from; only with a logger that
+    takes images (W&B)."""
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        images = getattr(getattr(pl_module, "teacher", None), "images", None) or {}
+        from lightning.pytorch.loggers import WandbLogger
+
+        teacher = pl_module.teacher
         logger = trainer.logger
-        if not images or not trainer.is_global_zero or not hasattr(logger, "log_image"):
+        if teacher is None or not teacher.images or not trainer.is_global_zero or not isinstance(logger, WandbLogger):
             return
-        for key, path in images.items():
+        for key, path in teacher.images.items():
             if Path(path).is_file():
                 logger.log_image(key=key, images=[str(path)])
             else:
                 log.warning("The teacher's image %s (%s) is missing: not logged.", key, path)
+
+
+__all__ = ["LearningRateMonitor", "LogTeacherImages", "build_callbacks"]

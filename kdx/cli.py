@@ -5,40 +5,40 @@ import logging
 import sys
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from kdx.errors import KdxError
+from kdx.resolvers import register_resolvers
+from kdx.sweep.launch import check_launch, export_submitit_ranks
 
-from kdx.config import register_resolvers  # noqa: E402
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+def config_dir() -> str:
+    """kdx's configs: ``kdx/conf`` in an installed package (the wheel ships them there), else the checkout's
+    ``conf/`` beside the package (an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"kdx's configs are missing: neither {here / 'conf'} nor {here.parent / 'conf'} exists")
+
+
+CONFIG_DIR = config_dir()
 log = logging.getLogger("kdx")
 
 register_resolvers()
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from kdx.callbacks import LoggerStartError
-    from kdx.config import ConfigError
-    from kdx.io import CheckpointError
-    from kdx.module import NonFiniteLossError
-
-    return (ConfigError, CheckpointError, NonFiniteLossError, LoggerStartError, FileNotFoundError)
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from kdx.sweep import check_launch, export_submitit_ranks
-
-    export_submitit_ranks()  # before Lightning is imported: submitit's local tasks become DDP ranks
-    from kdx.runner import run
+    export_submitit_ranks()  # before Lightning starts: submitit's local tasks become DDP ranks
+    from kdx.run import run  # Lightning and torch load here, not when a sweep is only being composed
 
     try:
         check_launch(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
         results = run(cfg)
-    except _known_errors() as e:
+    except (KdxError, FileNotFoundError) as e:
         log.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None
     return results.get("val_acc1_best")  # what a Hydra sweeper (e.g. Optuna) optimises

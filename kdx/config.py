@@ -1,86 +1,32 @@
-"""Config helpers: OmegaConf resolvers, validation of composed configs, resolution.
+"""Validation of composed configs, and their resolution.
 
-Hydra's struct mode already rejects a misspelt key given on the command line
-(``distill.temprature=2``). :func:`validate` runs right after composition and catches what
-struct mode cannot: unknown keys added with ``+key=`` or written in an experiment file,
-checked against the signature of each node's ``_target_``, and unknown top-level keys.
+Hydra's struct mode already rejects a misspelt key given on the command line (``distill.temprature=2``).
+:func:`validate` runs right after composition and catches what struct mode cannot: unknown keys added with
+``+key=`` or written in an experiment or recipe file, checked against the signature of each node's ``_target_``
+(every node that configures an object has one: data, model, teacher and its recipe, teacher_cache, distill,
+module, optim, scheduler, trainer, perf, logger, callbacks), and unknown top-level keys. :func:`check_values`
+stops impossible values with one line naming the setting.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
-from pathlib import Path
 from typing import Any, Iterator
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kdx.errors import ConfigError
+from kdx.sweep.folders import check_resume
+from kdx.sweep.launch import check_writable
+
 TOP_LEVEL_KEYS = {
-    "data", "model", "teacher", "distill", "optim", "scheduler", "trainer", "logger", "paths",
-    "experiment", "seed", "task", "method", "ckpt_path", "checkpoint", "progress_bar", "perf",
-    "train", "recipe", "paper", "hydra", "resume", "sweep_name",
+    "data", "model", "teacher", "teacher_cache", "distill", "module", "optim", "scheduler", "trainer", "perf",
+    "logger", "callbacks", "paths", "seed", "task", "method", "ckpt_path", "resume", "sweep_name",
+    "register_teacher", "paper", "hydra",
 }
 SPECIAL_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TASKS = ("distill", "train", "reffakd_ae")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def default_data_dir() -> str:
-    """``../shared/data`` (from the working folder) when it exists, else ``./data``."""
-    shared = Path.cwd().parent / "shared" / "data"
-    return str(shared.resolve()) if shared.is_dir() else str((Path.cwd() / "data").resolve())
-
-
-def method_label(choices: Any) -> str:
-    """The run's method label from Hydra's group choices: ``distill``, plus ``+<transform>`` when a teacher
-    transform is chosen (``distill=kd distill/teacher_transform=topk_scale`` → ``kd+topk_scale``), plus
-    ``@<teacher>`` for a non-network teacher group (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``).
-    ``distill=none`` is always ``none`` (the baseline column), whatever teacher an experiment selects."""
-    get = (lambda k: choices.get(k)) if hasattr(choices, "get") else (lambda k: None)
-    label = str(get("distill"))
-    if label == "none":  # plain training uses no teacher and no transform: the baseline, whatever is selected
-        return label
-    transform = get("distill/teacher_transform")
-    if transform not in (None, "null", "none"):
-        label += f"+{transform}"
-    teacher = get("teacher")
-    if teacher not in (None, "net") and str(teacher) != label:
-        label += f"@{teacher}"
-    return label
-
-
-def path_safe(name: Any, max_len: int = 180) -> str:
-    """One folder name from a job's overrides: ``/`` (a nested group, ``distill/teacher_transform=...``)
-    becomes ``.`` instead of a sub-folder; a name too long for the file system keeps its start and a hash."""
-    import hashlib
-
-    text = str(name).replace("/", ".")
-    if len(text) > max_len:
-        text = text[: max_len - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
-    return text
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("kdx_path_safe"):
-        OmegaConf.register_new_resolver("kdx_path_safe", path_safe)
-    if not OmegaConf.has_resolver("kdx_data_dir"):
-        OmegaConf.register_new_resolver("kdx_data_dir", default_data_dir)
-    if not OmegaConf.has_resolver("kdx_method"):
-        OmegaConf.register_new_resolver("kdx_method", method_label)
-    from kdx import sweep
-
-    if not OmegaConf.has_resolver("kdx_sweep_dir"):
-        # cached: computed once where the sweep starts, then copied into each job's config by Hydra
-        OmegaConf.register_new_resolver("kdx_sweep_dir", sweep.sweep_dir, use_cache=True)
-    if not OmegaConf.has_resolver("kdx_fixed_keys"):
-        OmegaConf.register_new_resolver("kdx_fixed_keys", sweep.fixed_keys, use_cache=True)
-    for name, fn in (("kdx_job_subdir", sweep.job_subdir), ("kdx_run_dir", sweep.run_dir),
-                     ("kdx_launcher_tasks", sweep.launcher_tasks), ("kdx_launcher_gpus", sweep.launcher_gpus)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
@@ -130,8 +76,6 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.get("task") not in TASKS:
         raise ConfigError(f"task={cfg.get('task')!r} is not one of {', '.join(TASKS)}.")
-    from kdx.sweep import check_resume
-
     check_resume(cfg.get("resume", "never"))
     for path, node in _target_nodes(cfg):
         target_name = node._get_node("_target_")._value()
@@ -151,6 +95,21 @@ def validate(cfg: DictConfig) -> None:
                 f"Unknown key '{path}.{key}' for {target_name}.{hint} Valid keys of {path}: "
                 f"{', '.join(params)}."
             )
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Impossible values of a resolved config stop here, each with one line naming the setting."""
+    epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={epochs}: kdx trains a finite number of epochs (schedules, the best and "
+                          "last epoch and the teacher store assume one); set trainer.max_epochs to a positive integer.")
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg.data.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"data.{key}={value}: a batch needs at least one sample; set data.{key} >= 1.")
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r}: the seed must be an integer.")
+    check_writable(cfg.paths.output_dir, "hydra.run.dir (hydra.sweep.dir for -m)")
 
 
 def resolved(cfg: DictConfig) -> DictConfig:

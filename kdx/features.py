@@ -20,13 +20,13 @@ Nothing is registered for strategies that ask for no features (``Strategy.needs_
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kdx.config import ConfigError
+from kdx.errors import ConfigError
 
 __all__ = ["FeatureTaps", "attach_feature_taps", "capture", "check_taps", "feature_shapes", "model_taps"]
 
@@ -176,11 +176,11 @@ def feature_shapes(
 def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequence[int]):
     """Hook the student's and the teacher's taps and build the strategy's shape-dependent modules.
 
-    Returns ``(student_taps, teacher_taps)``. Called by :func:`kdx.runner.build` at start-up for a
+    Returns ``(student_taps, teacher_taps)``. Called by :func:`kdx.build.build` at start-up for a
     strategy with ``needs_features`` (after seeding, before the optimiser exists): unknown tap names
     stop the run here, naming ``model.taps`` / ``teacher.model.taps``.
     """
-    teacher_net = getattr(teacher, "feature_module", None) if teacher is not None else None
+    teacher_net = teacher.network if teacher is not None else None
     if teacher_net is None:
         raise ConfigError(
             f"{type(strategy).__name__} needs the teacher's intermediate features, but the teacher "
@@ -194,17 +194,15 @@ def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequ
     return student_taps, teacher_taps
 
 
-def check_config_taps(cfg, num_classes: int) -> None:
-    """Check ``model.taps`` and ``teacher.model.taps`` on throwaway builds of the two architectures.
+def check_config_taps(nodes: Sequence[tuple[str, Any]], num_classes: int) -> None:
+    """Check the taps of model config nodes (``(setting, node)``: ``model``, ``teacher.model``) on throwaway
+    builds of the architectures.
 
     Runs at start-up before a teacher is looked up (or trained), so a misspelt tap stops the run
     at once rather than after a teacher has been trained.
     """
     from hydra.utils import instantiate
 
-    nodes = [("model", cfg.model)]
-    if cfg.get("teacher") is not None and cfg.teacher.get("model") is not None:
-        nodes.append(("teacher.model", cfg.teacher.model))
     for setting, node in nodes:
         extra = {"pretrained": False} if "pretrained" in node else {}  # names only: no weights needed
         model = instantiate(node, num_classes=num_classes, **extra)

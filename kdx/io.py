@@ -12,9 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to change."""
+from kdx.errors import CheckpointError
 
 
 @contextmanager

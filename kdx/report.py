@@ -145,12 +145,6 @@ def scan(folders: Iterable[str | Path]) -> tuple[list[Run], list[Unfinished]]:
     return runs, unfinished
 
 
-def collect(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Completed results, and the job folders that have none (failed or unfinished): the ``kdx.summary`` API."""
-    runs, unfinished = scan(folders)
-    return [r.data for r in runs], [str(u.folder) for u in unfinished]
-
-
 # ---------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Duplicate:

@@ -1,12 +1,15 @@
 """Data layer: deterministic, resumable datamodules yielding ``(x, y, idx)`` batches."""
 
 from kdx.data.augment import apply_crop_flip, crop_flip_params, normalize
-from kdx.data.base import ArrayDataModule, ArrayDataset, BaseDataModule, SplitArrays, stratified_split
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.base import BaseDataModule
+from kdx.data.datasets import ArrayDataset, SplitArrays
+from kdx.data.splits import stratified_split
 from kdx.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kdx.data.fashion_mnist import FashionMNISTDataModule
 from kdx.data.imagefolder import ImageFolderDataModule
 from kdx.data.npz import ArrayFileDataModule, load_array_file
-from kdx.data.paths import default_data_root
+from kdx.paths import default_data_root
 from kdx.data.sampler import EpochBatchSampler
 from kdx.data.synthetic import SyntheticDataModule
 

@@ -11,7 +11,7 @@ every side, a window of the original size is cut at offset ``(dy, dx)``, each
 offset uniform in ``[0, 2*pad]``, and the result is mirrored left-right with
 probability 1/2.
 
-Stored views (``teacher.cache=augmented``, :mod:`kdx.teachers.cache`): each
+Stored views (``teacher_cache=augmented``, :mod:`kdx.teachers.cache`): each
 sample has ``V`` fixed views, view ``v`` with parameters
 :func:`view_params` ``(v, idx)`` -- a function of ``(v, idx)`` only, so one
 teacher-logit cache serves runs with any seed -- and in epoch ``e`` a run draws

@@ -1,11 +1,12 @@
-"""Base datamodules: common arguments, stratified splits, deterministic loaders.
+"""The base datamodule: common arguments, stratified splits, deterministic loaders, and the capabilities the
+orchestration reads (declared here with their defaults; subclasses override them).
 
 Every batch is a tuple ``(x, y, idx)``: images, int64 labels and int64 indices
 of the samples *within the datamodule's split dataset* (``train_dataset``,
 ``val_dataset`` or ``test_dataset``; ``0 <= idx < len(dataset)``). The index of
 a sample in the original file/split is ``dataset.source_index[idx]``.
 
-:class:`ArrayDataModule` keeps each split in memory as a uint8 tensor
+:class:`kdx.data.arrays.ArrayDataModule` keeps each split in memory as a uint8 tensor
 ``[N, C, H, W]``; loaders yield raw uint8 batches, and augmentation plus
 normalisation run batched in :meth:`ArrayDataModule.on_after_batch_transfer`
 (on the accelerator) as a pure function of ``(seed, epoch, idx)``. With
@@ -16,153 +17,15 @@ gathered there (:class:`DeviceBatches`), with the same order and augmentation.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from kdx.data.augment import apply_crop_flip, crop_flip_params, draw_view, normalize, view_params
 from kdx.data.sampler import EpochBatchSampler
-
-# --------------------------------------------------------------------------- splits
-
-
-def resolve_amount(amount: float | int, n: int, what: str) -> int:
-    """Turn a fraction in ``(0, 1]`` (float) or a count (int) into a count in ``[0, n]``."""
-    if isinstance(amount, bool) or not isinstance(amount, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{what} must be a float fraction or an int count, got {amount!r}")
-    if isinstance(amount, (float, np.floating)):
-        if 0 < amount <= 1:
-            return int(round(float(amount) * n))
-        if not float(amount).is_integer():
-            raise ValueError(f"{what}={amount}: a fraction must lie in (0, 1]")
-    count = int(amount)
-    if not 0 <= count <= n:
-        raise ValueError(f"{what}={amount}: a count must lie in [0, {n}]")
-    return count
-
-
-def stratified_split(labels: np.ndarray, k: int, seed: Sequence[int] | int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``k`` of ``len(labels)`` positions, class-proportionally.
-
-    Each class ``c`` (``n_c`` samples) contributes ``floor(k * n_c / N)``
-    samples plus at most one more (largest remainders first, ties to the
-    smaller class id), chosen by a permutation from ``np.random.default_rng(seed)``.
-    Returns ``(taken, rest)``: sorted int64 position arrays, disjoint, covering all.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot take {k} of {n} samples")
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = k * counts / max(n, 1)
-    take = np.floor(quota).astype(np.int64)
-    extra = k - int(take.sum())
-    if extra > 0:
-        order = np.lexsort((classes, -(quota - take)))  # largest remainder, then class id
-        take[order[:extra]] += 1
-    rng = np.random.default_rng(seed)
-    taken = []
-    for c, t in zip(classes, take):
-        pos = np.flatnonzero(labels == c)
-        taken.append(pos[rng.permutation(len(pos))[:t]])
-    taken_idx = np.sort(np.concatenate(taken)).astype(np.int64) if taken else np.zeros(0, np.int64)
-    mask = np.ones(n, dtype=bool)
-    mask[taken_idx] = False
-    return taken_idx, np.flatnonzero(mask).astype(np.int64)
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-class ArrayDataset(Dataset):
-    """A split held in memory: ``x`` uint8 ``[N, C, H, W]``, ``y`` int64 ``[N]``.
-
-    ``ds[list_of_indices]`` returns the whole batch ``(x[B,C,H,W], y[B], idx[B])``
-    (one tensor index; used with ``DataLoader(batch_size=None, sampler=EpochBatchSampler)``);
-    ``ds[i]`` returns one sample ``(x[C,H,W], y, idx)``.
-    ``source_index[i]`` is sample ``i``'s index in the original split.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, source_index: torch.Tensor | None = None) -> None:
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"x must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
-        if len(x) != len(y):
-            raise ValueError(f"{len(x)} images but {len(y)} labels")
-        self.x = x
-        self.y = y.to(torch.int64)
-        self.source_index = torch.arange(len(x)) if source_index is None else torch.as_tensor(source_index)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if isinstance(index, (int, np.integer)):
-            i = int(index)
-            return self.x[i], self.y[i], torch.tensor(i, dtype=torch.int64)
-        idx = torch.as_tensor(index, dtype=torch.int64)
-        return self.x[idx], self.y[idx], idx
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.y.numpy()
-
-
-class DeviceBatches:
-    """The batches of an :class:`EpochBatchSampler` over an :class:`ArrayDataset` held on a device.
-
-    A loader for ``data.on_device=true``: the split is copied to ``device`` once (uint8) and
-    each batch is one index gather there, so no DataLoader, worker or host-to-device copy
-    runs per step. The batches are those of ``DataLoader(dataset, batch_size=None,
-    sampler=sampler)``: the same indices in the same order (``EpochBatchSampler.index_batches``,
-    which ``__iter__`` also yields), the same
-    DDP shard; Lightning finds ``sampler.set_epoch`` as on a DataLoader.
-    """
-
-    def __init__(self, dataset: ArrayDataset, sampler: EpochBatchSampler, device: torch.device | str) -> None:
-        self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
-        self.batch_sampler = None  # Lightning inspects loaders with a ``sampler`` as DataLoaders
-        self._xy: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._xy is None:
-            x = self.dataset.x
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                if x.nbytes > free // 2:
-                    raise MemoryError(
-                        f"data.on_device=true: the split takes {x.nbytes / 2**30:.2f} GiB but {self.device} has "
-                        f"{free / 2**30:.2f} GiB free (at most half is used for data). Set data.on_device=false."
-                    )
-            self._xy = (x.to(self.device), self.dataset.y.to(self.device))
-        return self._xy
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        x, y = self._split()
-        for i in self.sampler.index_batches(self.device):
-            yield x[i], y[i], i
-
-
-@dataclass
-class SplitArrays:
-    """What an :class:`ArrayDataModule` subclass loads: uint8 NCHW arrays, int labels."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    class_names: list[str] | None = None
-    source: str = ""
-
-
-# --------------------------------------------------------------------------- base
+from kdx.data.splits import resolve_amount, stratified_split
 
 
 class BaseDataModule(LightningDataModule):
@@ -195,6 +58,15 @@ class BaseDataModule(LightningDataModule):
             :class:`DeviceBatches`).
     """
 
+    #: whether the splits are held in memory as uint8 arrays (``train_dataset.x``/``.y``: ReffAKD's stage A)
+    in_memory: ClassVar[bool] = False
+    #: whether a training sample can show one of a fixed set of stored views (``teacher_cache=augmented``)
+    supports_stored_views: ClassVar[bool] = False
+    #: whether the training augmentation mirrors images
+    hflip: ClassVar[bool] = True
+    #: the side the transforms resize to (image folders); None: the images' own size
+    image_size: Optional[int] = None
+
     def __init__(
         self,
         name: str,
@@ -213,8 +85,10 @@ class BaseDataModule(LightningDataModule):
         on_device: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size={batch_size}: a batch needs at least one sample (set data.batch_size >= 1)")
+        if eval_batch_size is not None and int(eval_batch_size) < 1:
+            raise ValueError(f"data.eval_batch_size={eval_batch_size}: set it >= 1 (or null: 2 × data.batch_size)")
         self.name = str(name)
         self.root = str(root)
         self.batch_size = int(batch_size)
@@ -367,6 +241,35 @@ class BaseDataModule(LightningDataModule):
         self.setup()
         return self._loader(self.test_dataset, train=False)
 
+    # ---- what the orchestration reads
+    @property
+    def dataset_key(self) -> str:
+        """The teacher-store key of this data: its name, plus the training subset when one is used."""
+        return self.name + (f"-subset{self.subset}" if self.subset else "")
+
+    @property
+    def has_heldout_val(self) -> bool:
+        """Whether a held-out split of the training data selects the best epoch (else the test split does)."""
+        return bool(self.val_split)
+
+    @property
+    def random_augmentation(self) -> bool:
+        """Whether training inputs change from epoch to epoch."""
+        return self.augment
+
+    def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> Any:
+        """A loader's batch as the model sees it; here the datasets already transformed it (image folders)."""
+        return batch
+
+    def use_stored_views(self, views: int) -> None:
+        """Draw each epoch's augmentation from ``views`` fixed views per sample (``supports_stored_views`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot show stored views (teacher_cache=augmented)")
+
+    def train_fingerprint(self) -> str:
+        """A hash of the training split's contents (the teacher-logit cache's key)."""
+        self.setup()
+        return self.train_dataset.content_hash()
+
     # ---- reporting
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable summary for results files."""
@@ -399,152 +302,6 @@ class BaseDataModule(LightningDataModule):
         }
 
 
-class ArrayDataModule(BaseDataModule):
-    """In-memory uint8 datasets with batched, deterministic augmentation.
-
-    Subclasses implement ``_load_arrays() -> SplitArrays`` (images as uint8
-    ``[N, C, H, W]`` NumPy arrays, possibly memory-mapped) and set the
-    metadata attributes. Loaders yield ``(x uint8, y, idx)``;
-    :meth:`on_after_batch_transfer` turns ``x`` into float32 normalised images,
-    applying, in training only (``trainer.training`` and ``augment``),
-    RandomCrop(H, padding=pad, zero fill) + RandomHorizontalFlip(0.5) with
-    parameters ``crop_flip_params(seed, trainer.current_epoch, idx, pad)``.
-    Outside a Trainer call :meth:`transform_batch` yourself.
-
-    With stored views (:meth:`use_stored_views`, set by ``teacher.cache=augmented``) the
-    parameters of epoch ``e`` are those of view ``draw_view(seed, e, idx, V)`` instead, the
-    same crops the teacher-logit cache was filled with (:mod:`kdx.teachers.cache`).
-    """
-
-    _arrays: SplitArrays | None = None
-    #: whether the training augmentation mirrors (SVHN's digits are not mirrored)
-    hflip: bool = True
-    #: number of stored views per sample (0: a fresh crop/flip every epoch)
-    views: int = 0
-
-    def _load_arrays(self) -> SplitArrays:
-        raise NotImplementedError
-
-    def _load(self) -> tuple[np.ndarray, np.ndarray]:
-        arrays = self._load_arrays()
-        for split in ("train", "test"):
-            x, y = getattr(arrays, f"{split}_x"), getattr(arrays, f"{split}_y")
-            if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
-                raise ValueError(f"{split}: expected uint8 [N,C,H,W] and N labels, got {x.dtype} {x.shape}, {len(y)}")
-        self._arrays = arrays
-        self.source = arrays.source
-        if self._class_names is None and arrays.class_names is not None:
-            self._class_names = list(arrays.class_names)
-        if self._num_classes is None:
-            self._num_classes = len(self._class_names) if self._class_names else int(arrays.train_y.max()) + 1
-        if self._image_shape is None:
-            self._image_shape = tuple(int(s) for s in arrays.train_x.shape[1:])
-        if self._mean is None or self._std is None:
-            self._mean, self._std = channel_stats(arrays.train_x)
-        if tuple(arrays.train_x.shape[1:]) != tuple(self._image_shape):
-            raise ValueError(f"images are {arrays.train_x.shape[1:]}, expected {self._image_shape}")
-        return np.asarray(arrays.train_y), np.asarray(arrays.test_y)
-
-    def _make_dataset(self, split: str, positions: np.ndarray, train: bool) -> ArrayDataset:
-        x_all, y_all = getattr(self._arrays, f"{split}_x"), getattr(self._arrays, f"{split}_y")
-        if len(positions) == len(x_all):  # everything, in order: copy once (memmap -> RAM)
-            x, y = np.array(x_all), np.array(y_all)
-        else:
-            x, y = x_all[positions], np.asarray(y_all)[positions]
-        return ArrayDataset(
-            torch.from_numpy(np.ascontiguousarray(x)),
-            torch.from_numpy(np.asarray(y, dtype=np.int64)),
-            torch.from_numpy(positions.astype(np.int64)),
-        )
-
-    def _after_setup(self) -> None:
-        self._arrays = None  # keep only the selected samples
-
-    def _device(self) -> torch.device:
-        trainer = self.trainer
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
-        if not self.on_device:
-            return super()._loader(dataset, train)
-        key = (id(dataset), str(self._device()))  # one device copy per split, reused by every loader
-        splits = self.__dict__.setdefault("_device_splits", {})
-        loader = DeviceBatches(dataset, self._sampler(len(dataset), train), self._device())
-        if key in splits:
-            loader._xy = splits[key]
-        else:
-            splits[key] = loader._split()
-        return loader
-
-    # ---- augmentation
-    @property
-    def random_augmentation(self) -> bool:
-        """Whether training inputs change from epoch to epoch (a random crop or flip is on)."""
-        return self.augment and (self.pad > 0 or self.hflip)
-
-    def use_stored_views(self, views: int) -> None:
-        """Draw each epoch's crop/flip from ``views`` fixed views per sample (0: fresh every epoch)."""
-        if views < 0:
-            raise ValueError(f"views must be >= 0, got {views}")
-        self.views = int(views)
-
-    def crop_flip(self, epoch: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training crop offsets and flips ``(dx, dy, flip)`` of samples ``idx`` in ``epoch`` (0-based)."""
-        if self.views:
-            return self.view_crop_flip(draw_view(self.seed, epoch, idx, self.views), idx)
-        return self._mask_flip(crop_flip_params(self.seed, epoch, idx, self.pad))
-
-    def view_crop_flip(self, view: int | torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The parameters of stored view ``view`` (an int or one per sample) of samples ``idx``."""
-        return self._mask_flip(view_params(view, idx, self.pad, self.views or None))
-
-    def _mask_flip(self, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        dx, dy, flip = params
-        return dx, dy, (flip if self.hflip else torch.zeros_like(flip))
-
-    def augment_batch(self, batch: Any, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        """uint8 batch -> float32 normalised batch, cropped and flipped with the given ``(dx, dy, flip)``."""
-        x, y, idx = batch
-        return normalize(apply_crop_flip(x, *params, self.pad), self.mean, self.std), y, idx
-
-    def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """uint8 batch -> float32 normalised batch (augmented when ``train`` and ``augment``)."""
-        x, y, idx = batch
-        if train and self.augment:
-            return self.augment_batch(batch, self.crop_flip(epoch, idx))
-        return normalize(x, self.mean, self.std), y, idx
-
-    def transform_view_batch(self, batch: Any, view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """uint8 batch -> view ``view`` of each sample, as training shows it (what the teacher cache stores)."""
-        if not self.augment:
-            return self.transform_batch(batch, train=False)
-        return self.augment_batch(batch, self.view_crop_flip(view, batch[2]))
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        x = batch[0]
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
-            return batch  # already transformed
-        trainer = self.trainer
-        train = trainer is not None and bool(trainer.training)
-        epoch = int(trainer.current_epoch) if trainer is not None else 0
-        return self.transform_batch(batch, train=train, epoch=epoch)
-
-
-def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (of pixel/255) of a uint8 ``[N, C, H, W]`` array."""
-    c = x.shape[1]
-    s = np.zeros(c, np.float64)
-    s2 = np.zeros(c, np.float64)
-    for i in range(0, len(x), chunk):
-        b = np.asarray(x[i : i + chunk], dtype=np.float64) / 255.0
-        s += b.sum(axis=(0, 2, 3))
-        s2 += (b * b).sum(axis=(0, 2, 3))
-    m = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / m
-    std = np.sqrt(np.maximum(s2 / m - mean**2, 0.0))
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
-
-
 def offline_error(what: str, root: str, npz_path: str | None, detail: str = "") -> FileNotFoundError:
     """The error raised when a dataset is neither on disk nor downloadable."""
     root_abs = os.path.abspath(os.path.expanduser(root))
@@ -559,15 +316,4 @@ def offline_error(what: str, root: str, npz_path: str | None, detail: str = "") 
     return FileNotFoundError(msg)
 
 
-__all__ = [
-    "ArrayDataModule",
-    "ArrayDataset",
-    "BaseDataModule",
-    "DeviceBatches",
-    "SplitArrays",
-    "channel_stats",
-    "offline_error",
-    "resolve_amount",
-    "stratified_split",
-]
-
+__all__ = ["BaseDataModule", "offline_error"]

@@ -14,7 +14,9 @@ import os
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from kdx.data.base import ArrayDataModule, SplitArrays, offline_error
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.base import offline_error
+from kdx.data.datasets import SplitArrays
 from kdx.data.npz import load_array_file
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -15,7 +15,9 @@ import os
 import numpy as np
 from torchvision.datasets import FashionMNIST
 
-from kdx.data.base import ArrayDataModule, SplitArrays, offline_error
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.base import offline_error
+from kdx.data.datasets import SplitArrays
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

@@ -22,6 +22,7 @@ reproducible across runs, resumes and worker counts too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -75,6 +76,14 @@ class FileListDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.asarray([s[1] for s in self.samples], dtype=np.int64)
+
+    def content_hash(self) -> str:
+        """A hash of the file list (paths and labels) and source indices."""
+        h = hashlib.blake2b(digest_size=16)
+        for path, label in self.samples:
+            h.update(f"{path}\t{label}\n".encode())
+        h.update(self.source_index.numpy().tobytes())
+        return h.hexdigest()
 
     def _load(self, i: int, sample_seed: int) -> torch.Tensor:
         img = default_loader(self.samples[i][0])

@@ -7,7 +7,7 @@ Two layouts are understood, for the splits ``train`` and ``test``:
     ``{split}_offsets`` int64 [N+1] (image i is ``jpeg[off[i]:off[i+1]]``),
     ``{split}_labels`` [N], optional ``class_names``.
     Decoded once with PIL; the decoded arrays are cached as ``.npy`` under
-    ``cache_dir`` (default ``$KDX_ARRAY_CACHE`` or ``~/.cache/kdx/arrays``), keyed
+    ``cache_dir`` (default ``$KDX_ARRAY_CACHE``, else ``<$KDX_CACHE or ~/.cache/kdx>/arrays``), keyed
     by a hash of the file's absolute path, size and mtime, written atomically
     (temporary file + ``os.replace``) and memory-mapped on later loads.
 
@@ -30,14 +30,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdx.data.base import ArrayDataModule, SplitArrays
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.datasets import SplitArrays
 from kdx.io import atomic_path, atomic_write_bytes
+from kdx.paths import default_cache_dir as kdx_cache_dir
 
 SPLITS = ("train", "test")
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("KDX_ARRAY_CACHE", os.path.join("~", ".cache", "kdx", "arrays"))
+    return os.environ.get("KDX_ARRAY_CACHE") or os.path.join(kdx_cache_dir(), "arrays")
 
 
 def _layout(files: list[str]) -> str:

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from kdx.data.base import ArrayDataModule, SplitArrays, offline_error
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.base import offline_error
+from kdx.data.datasets import SplitArrays
 
 SVHN_CLASSES = [str(i) for i in range(10)]
 

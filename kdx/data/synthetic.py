@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdx.data.base import ArrayDataModule, SplitArrays
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.datasets import SplitArrays
 
 
 def make_synthetic(

@@ -1,9 +1,9 @@
-"""NAYER's memory bank: every synthesis loop's best batch, sampled by the student's steps.
+"""The data-free regime's memory bank: every synthesised batch, sampled by the student's steps.
 
 The official code writes each batch as 8-bit PNG files and re-reads the whole folder (it grows for the
 whole run). Here the bank is a ring buffer of at most ``max_images`` images, held as ``uint8`` (default,
-3 KiB per 32×32 RGB image), ``float16`` or ``float32``, in memory or in a file on disk (``path``,
-a ``numpy.memmap``); when it is full the oldest images are replaced. Labels (the classes the generator
+3 KiB per 32×32 RGB image), ``float16`` or ``float32``, in memory or in a file on disk (``path``: a folder,
+one ``numpy.memmap`` file per DDP rank); when it is full the oldest images are replaced. Labels (the classes the generator
 was asked for) are kept beside the images as int64.
 
 ``rounding`` (uint8 only): ``round`` = nearest 8-bit level; ``floor`` = the official PNG round trip
@@ -30,18 +30,19 @@ class MemoryBank:
         rounding: str = "round",
         path: Optional[str] = None,
         in_checkpoint: bool = True,
+        rank: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
-            raise ValueError(f"distill.bank.dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
+            raise ValueError(f"module.bank.dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
         if rounding not in ("round", "floor"):
-            raise ValueError(f"distill.bank.rounding={rounding!r}: use round or floor (the official PNG truncation)")
+            raise ValueError(f"module.bank.rounding={rounding!r}: use round or floor (the official PNG truncation)")
         if int(max_images) < 1:
-            raise ValueError(f"distill.bank.max_images={max_images} must be >= 1")
+            raise ValueError(f"module.bank.max_images={max_images} must be >= 1")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.max_images = int(max_images)
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
         self.rounding = rounding
-        self.path = None if path in (None, "") else Path(path)
+        self.path = None if path in (None, "") else Path(path) / f"bank_rank{int(rank)}.bin"
         self.in_checkpoint = bool(in_checkpoint)
         self.count = 0  # images held
         self.next = 0  # ring write position
@@ -141,12 +142,12 @@ class MemoryBank:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = int(state["count"])
         if count > self.max_images:
-            raise ValueError(f"the checkpoint's bank holds {count} images, more than distill.bank.max_images={self.max_images}")
+            raise ValueError(f"the checkpoint's bank holds {count} images, more than module.bank.max_images={self.max_images}")
         if self._mm is None:
             if "x" not in state:
                 raise ValueError(
-                    "this checkpoint was saved without the memory bank (distill.bank.in_checkpoint=false or an "
-                    "on-disk bank): resuming would start from an empty bank. Resume with the same distill.bank settings."
+                    "this checkpoint was saved without the memory bank (module.bank.in_checkpoint=false or an "
+                    "on-disk bank): resuming would start from an empty bank. Resume with the same module.bank settings."
                 )
             x = state["x"]
             self._x = torch.empty((max(count, 1), *self.image_shape), dtype=self.dtype)

@@ -1,4 +1,4 @@
-"""NAYER (Tran et al., CVPR 2024): the noisy-layer generator and the synthesis schedule (METHODS.md §6).
+"""NAYER (Tran et al., CVPR 2024): the noisy-layer generator and its synthesis (docs/methods.md, NAYER).
 
 - :class:`NLGenerator`: label-text embedding → BatchNorm1d → per-chunk *noisy* ``Linear`` layers →
   ``Linear`` to ``2·ngf × (img/4)²`` → BN2d → (Upsample×2 → Conv3×3 → BN → LeakyReLU) ×2 → Conv3×3 →
@@ -7,11 +7,10 @@
   epochs (fresh default PyTorch init of everything).
 - :class:`BNStatHooks`: forward hooks on every ``BatchNorm2d`` of the teacher that record the batch
   statistics of the layer *input* while synthesising, plus the momentum statistics (``bn_mmt``).
-- :class:`NAYER`: the ``distill=nayer`` node: every hyper-parameter, the student's logit loss (any kdx
-  strategy; KD with T = 20 and no CE by default), the label-text embeddings, the student optimiser and
-  schedule, and the memory bank. It is a :class:`~kdx.distill.base.Strategy` (the student's loss terms
-  are its loss terms) with ``data_free = True``: the runner then builds
-  :class:`kdx.datafree.module.DataFreeModule` around it.
+- :class:`NAYER`: the ``distill=nayer`` node, a :class:`~kdx.datafree.base.DataFreeStrategy`: the synthesis
+  hyper-parameters, the label-text embeddings and the student's logit loss (any kdx strategy; KD with T = 20
+  and no CE by default). Its config selects the data-free regime (``module=datafree``: warm-up, student steps,
+  batch size, memory bank), which calls :meth:`NAYER.synthesis_step` for each generator step.
 """
 from __future__ import annotations
 
@@ -20,9 +19,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.datafree.losses import Moments, batch_moments, bn_statistics_loss
+from kdx.datafree.augment import augment
+from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
+from kdx.datafree.losses import Moments, adversarial_loss, batch_moments, bn_statistics_loss, onehot_ce
 from kdx.distill.base import Strategy
 
 # --------------------------------------------------------------------------- generator
@@ -203,36 +205,30 @@ class BNStatHooks:
 # --------------------------------------------------------------------------- the distill node
 
 
-class NAYER(Strategy):
-    """``distill=nayer``: the settings of data-free distillation and the student's loss.
+class NAYER(DataFreeStrategy):
+    """``distill=nayer``: the noisy-layer generator's synthesis and the student's loss (``loss``).
 
-    The student's loss terms are ``loss``'s (KD at T = 20 with no CE by default; any kdx logit
-    strategy, e.g. ``kdx.distill.dkd.DKD``). Labels seen by that loss are the classes the generator was
-    asked for. See METHODS.md §6 and the README for every argument; the defaults are the official
-    CIFAR-100 settings.
+    Per epoch ``ep`` (0-based; ``warmup`` is ``module.warmup``): ``gwp_loops`` synthesis loops during the
+    warm-up, ``g_loops`` after it; each loop re-draws the noisy layers, takes a fresh Adam and runs ``g_steps``
+    generator steps on ``L_G = bn·L_bn + oh·L_oh + adv·L_adv`` (the adversarial term after the warm-up only), and
+    hands its lowest-loss batch to the memory bank. The whole generator is rebuilt when
+    ``(ep − warmup) % g_life == 0`` or ``ep % g_life == 0``.
 
     Official quirks (switches; the defaults follow the paper's description):
-      - ``student_train_after_first_loop``: the official code puts the student in train mode after
-        the first synthesis loop of an epoch (so later loops' adversarial forwards update its BN
-        running statistics). Default False: the student is in eval mode during all synthesis.
-      - best-batch tracking: the official code initialises the best cost once per epoch but takes each
-        loop's first iterate unconditionally *and overwrites the best cost with it*, so in effect every
-        loop keeps its own lowest-loss batch. That is what this implementation does (no switch needed).
+      - ``student_train_after_first_loop``: the official code puts the student in train mode after the first
+        synthesis loop of an epoch (so later loops' adversarial forwards update its BN running statistics).
+        Default False: the student is in eval mode during all synthesis.
+      - best-batch tracking: the official code initialises the best cost once per epoch but takes each loop's
+        first iterate unconditionally *and overwrites the best cost with it*, so in effect every loop keeps its
+        own lowest-loss batch. That is what this implementation does (no switch needed).
       - the bank's ``rounding: floor`` is the official PNG round trip (``uint8(255·x)``); see
         :class:`kdx.datafree.bank.MemoryBank`.
     """
-
-    data_free = True
-    needs_teacher = True
 
     def __init__(
         self,
         loss: Strategy,
         lte: Any,
-        optim: Callable[..., torch.optim.Optimizer],
-        scheduler: Optional[Callable[..., Any]] = None,
-        bank: Optional[Callable[..., Any]] = None,
-        warmup: int = 20,
         g_steps: int = 40,
         g_life: int = 10,
         g_loops: int = 2,
@@ -240,8 +236,6 @@ class NAYER(Strategy):
         lr_g: float = 4e-3,
         g_betas: Sequence[float] = (0.5, 0.999),
         synthesis_batch_size: int = 400,
-        batch_size: int = 512,
-        kd_steps: int = 400,
         bn: float = 10.0,
         oh: float = 0.5,
         adv: float = 1.33,
@@ -252,65 +246,148 @@ class NAYER(Strategy):
         aug_pad: int = 4,
         aug_flip: bool = True,
         student_train_after_first_loop: bool = False,
-        grid_classes: int = 10,
-        grid_per_class: int = 8,
         teacher_transform=None,
     ) -> None:
-        super().__init__(teacher_transform)
+        super().__init__(loss, teacher_transform)
         for name, value in (("g_steps", g_steps), ("g_life", g_life), ("synthesis_batch_size", synthesis_batch_size),
-                            ("batch_size", batch_size), ("le_emb_size", le_emb_size), ("ngf", ngf)):
+                            ("le_emb_size", le_emb_size), ("ngf", ngf)):
             if int(value) < 1:
                 raise ValueError(f"distill.{name}={value} must be >= 1")
-        for name, value in (("warmup", warmup), ("g_loops", g_loops), ("gwp_loops", gwp_loops), ("kd_steps", kd_steps)):
+        for name, value in (("g_loops", g_loops), ("gwp_loops", gwp_loops)):
             if int(value) < 0:
                 raise ValueError(f"distill.{name}={value} must be >= 0")
         if not 0 <= float(bn_mmt) < 1:
             raise ValueError(f"distill.bn_mmt={bn_mmt} must lie in [0, 1)")
-        self.loss = loss
         self.lte = lte
-        self.optim_factory, self.scheduler_factory, self.bank_factory = optim, scheduler, bank
-        self.warmup, self.g_steps, self.g_life = int(warmup), int(g_steps), int(g_life)
+        self.g_steps, self.g_life = int(g_steps), int(g_life)
         self.g_loops, self.gwp_loops = int(g_loops), int(gwp_loops)
         self.lr_g, self.g_betas = float(lr_g), tuple(float(b) for b in g_betas)
-        self.synthesis_batch_size, self.batch_size, self.kd_steps = int(synthesis_batch_size), int(batch_size), int(kd_steps)
+        self.synthesis_batch_size = int(synthesis_batch_size)
         self.w_bn, self.w_oh, self.w_adv, self.bn_mmt = float(bn), float(oh), float(adv), float(bn_mmt)
         self.ngf, self.le_emb_size, self.nl = int(ngf), int(le_emb_size), nl
         self.aug_pad, self.aug_flip = int(aug_pad), bool(aug_flip)
         self.student_train_after_first_loop = bool(student_train_after_first_loop)
-        self.grid_classes, self.grid_per_class = int(grid_classes), int(grid_per_class)
-
-    # ---- the student's loss is the nested strategy's
-    def transform_teacher(self, logits_teacher: Tensor, target: Tensor) -> Tensor:
-        return self.loss.transform_teacher(super().transform_teacher(logits_teacher, target), target)
-
-    def loss_terms(self, student, teacher, batch, epoch):
-        return self.loss.loss_terms(student, teacher, batch, epoch)
+        # built by setup(); held outside the registered submodules (own optimiser, not in DDP)
+        object.__setattr__(self, "generator", None)
+        self.label_emb: Optional[Tensor] = None  # prepare()
+        self.hooks: Optional[BNStatHooks] = None
+        self._loop: dict[str, Any] = {}
 
     # ---- the schedule (ep is the 0-based epoch index, as the official counter)
-    def rebuild_due(self, ep: int) -> bool:
+    def rebuild_due(self, ep: int, warmup: int) -> bool:
         """Full generator re-initialisation at the start of epoch ``ep`` (official condition)."""
-        return (ep - self.warmup) % self.g_life == 0 or ep % self.g_life == 0
+        return (ep - warmup) % self.g_life == 0 or ep % self.g_life == 0
 
-    def loops(self, ep: int) -> int:
-        return self.gwp_loops if ep < self.warmup else self.g_loops
+    def loops(self, ep: int, warmup: int) -> int:
+        return self.gwp_loops if ep < warmup else self.g_loops
 
-    def distills(self, ep: int) -> bool:
-        """Student steps (and the adversarial term) from epoch ``warmup`` on (0-based)."""
-        return ep >= self.warmup
+    def synthesis_units(self, ep: int, warmup: int) -> int:
+        return self.loops(ep, warmup) * self.g_steps
 
-    def generator_steps(self, ep: int) -> int:
-        return self.loops(ep) * self.g_steps
+    def images_per_epoch(self, ep: int, warmup: int) -> int:
+        return self.loops(ep, warmup) * self.synthesis_batch_size
 
-    def student_steps(self, ep: int) -> int:
-        return self.kd_steps if self.distills(ep) else 0
+    # ---- synthesis
+    def prepare(self, class_names: list[str], dataset: str, num_classes: int) -> None:
+        """The label-text embeddings of the classes (``distill.lte``): a missing table or encoder stops here."""
+        label_emb = torch.as_tensor(self.lte(class_names, dataset), dtype=torch.float32)
+        if label_emb.shape[0] != num_classes:
+            raise ValueError(f"the label-text embeddings have {label_emb.shape[0]} rows for {num_classes} classes "
+                             "(distill.lte)")
+        self.label_emb = label_emb
 
-    def units(self, ep: int) -> int:
-        """Training-loop iterations of epoch ``ep``: generator steps, then student steps."""
-        return self.generator_steps(ep) + self.student_steps(ep)
+    def setup(self, env: SynthesisEnv) -> None:
+        gen = NLGenerator(self.label_emb, ngf=self.ngf, img_size=env.image_shape[1], nc=env.image_shape[0],
+                          nl=self.nl or env.num_classes, le_emb_size=self.le_emb_size, sbz=self.synthesis_batch_size)
+        object.__setattr__(self, "generator", gen.to(env.device))
+        self.hooks = BNStatHooks(env.teacher, self.bn_mmt) if self.w_bn > 0 else None
+        if self.hooks is not None:
+            self.hooks.to(env.device)
 
-    def bank_images(self, epochs: int) -> int:
-        """Images a run of ``epochs`` epochs adds to the bank (one best batch per loop)."""
-        return sum(self.loops(e) for e in range(epochs)) * self.synthesis_batch_size
+    def on_epoch_start(self, env: SynthesisEnv, ep: int, warmup: int) -> None:
+        if self.rebuild_due(ep, warmup):
+            self.generator.rebuild(env.rng)
+            self.generator.to(env.device)
+
+    def _start_loop(self, env: SynthesisEnv, loop: int) -> None:
+        self.generator.reinit_noisy(env.rng)
+        targets = synthesis_targets(env.num_classes, self.synthesis_batch_size, env.rng).to(env.device)
+        self._loop = {
+            "targets": targets,
+            "onehot": F.one_hot(targets, env.num_classes).float(),
+            "opt": torch.optim.Adam(self.generator.parameters(), lr=self.lr_g, betas=self.g_betas),
+            "best_x": None,
+            "best_cost": None,
+            # official quirk (off by default): the student is switched to train mode after the first loop
+            "student_train": bool(self.student_train_after_first_loop and loop > 0),
+        }
+
+    def synthesis_step(self, env: SynthesisEnv, ep: int, unit: int, warmup: int) -> SynthesisStep:
+        loop, step = divmod(unit, self.g_steps)
+        if step == 0:
+            self._start_loop(env, loop)
+        st = self._loop
+        self.generator.train()
+        x = self.generator(st["targets"])
+        x_aug = augment(x, env.mean, env.std, self.aug_pad, self.aug_flip, env.rng)
+        if self.hooks is not None:
+            self.hooks.active = True
+        try:
+            t_logits = env.teacher(env.prep(x_aug))
+        finally:
+            if self.hooks is not None:
+                self.hooks.active = False
+        terms: dict[str, Tensor] = {}
+        if self.hooks is not None:
+            terms["bn"] = self.w_bn * self.hooks.loss()
+        terms["oh"] = self.w_oh * onehot_ce(t_logits, st["onehot"])
+        if self.w_adv > 0 and ep >= warmup:
+            student = env.student
+            student.train(st["student_train"])
+            requires = [p.requires_grad for p in student.parameters()]
+            student.requires_grad_(False)  # gradients to the images only, never to the student
+            try:
+                s_logits = student(env.prep(x_aug))
+            finally:
+                for p, r in zip(student.parameters(), requires):
+                    p.requires_grad_(r)
+            terms["adv"] = self.w_adv * adversarial_loss(s_logits, t_logits)
+        loss = torch.stack([v.float() for v in terms.values()]).sum()
+        with torch.no_grad():  # the lowest-loss batch of this loop (the first iterate is always taken)
+            if st["best_x"] is None:
+                st["best_x"], st["best_cost"] = x.detach().clone(), loss.detach().clone()
+            else:
+                better = loss.detach() < st["best_cost"]
+                st["best_x"] = torch.where(better, x.detach(), st["best_x"])
+                st["best_cost"] = torch.minimum(st["best_cost"], loss.detach())
+        opt = st["opt"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        images = None
+        if step == self.g_steps - 1:  # the loop ends: its best batch goes to the bank
+            if self.hooks is not None:
+                self.hooks.update_momentum()  # from the loop's last forward, as the official hooks
+                self.hooks.clear()
+            images = (st["best_x"], st["targets"])
+            self._loop = {}
+        return SynthesisStep(loss.detach(), {k: v.detach() for k, v in terms.items()}, images)
+
+    def synthesis_state(self) -> dict[str, Any]:
+        return {
+            "generator": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()},
+            "bn_mmt": self.hooks.state_dict() if self.hooks is not None else None,
+        }
+
+    def load_synthesis_state(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        if self.hooks is not None and state.get("bn_mmt") is not None:
+            self.hooks.load_state_dict(state["bn_mmt"])
+
+    def describe(self) -> dict[str, Any]:
+        gen = self.generator
+        return {"generator_params": None if gen is None else sum(p.numel() for p in gen.parameters()),
+                "label_embedding_dim": None if gen is None else int(gen.label_emb.shape[1])}
 
 
 __all__ = ["BNStatHooks", "NAYER", "NLGenerator", "synthesis_targets"]

@@ -153,7 +153,7 @@ class AFD(nn.Module):
 class AFDStrategy(Strategy):
     """``w_ce·CE + w_kd·KD(T) + beta·L_AFD`` over the models' feature taps (``distill=afd``).
 
-    The attention module is built by :meth:`build_feature_modules` (the runner calls it with
+    The attention module is built by :meth:`build_feature_modules` (the composition root calls it with
     the tap shapes from a dry forward before the optimiser exists). It runs in float32 with
     autocast off, whatever the training precision.
     """
@@ -181,7 +181,7 @@ class AFDStrategy(Strategy):
         if self.feature_loss is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no attention module yet: call build_feature_modules(teacher_shapes, "
-                "student_shapes) first (kdx.runner.build does, from the feature taps)."
+                "student_shapes) first (kdx.build.build does, from the feature taps)."
             )
         if not teacher.features or not student.features:
             raise RuntimeError(f"distill={self.term} got no features: the feature taps were not captured")

@@ -1,4 +1,4 @@
-"""The seams every method plugs into (see DESIGN.md, "The seams").
+"""The seams every method plugs into.
 
 - :class:`ModelOutput`: what a network (student or teacher) gives a strategy: logits and,
   when a strategy asks for taps, a dict of named intermediate features.
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,12 +44,15 @@ TeacherTransform = Callable[[Tensor, Tensor], Tensor]
 class Strategy(nn.Module):
     """Base class of distillation strategies.
 
-    Subclasses implement :meth:`loss_terms`. Class attributes:
+    Subclasses implement :meth:`loss_terms`. What the orchestration reads, declared here with its default:
 
-    - ``needs_teacher``: whether the module must build a teacher (False for plain CE).
+    - ``needs_teacher``: whether the run needs a teacher (False for plain CE: the run then trains a
+      network from labels, and its model may become a stored teacher).
     - ``needs_features``: whether ``student.features`` / ``teacher.features`` must hold the
       models' tapped features (``model.taps`` / ``teacher.model.taps``, else each model's
       defaults; see :mod:`kdx.features`). False for logit methods: no hooks are registered then.
+    - ``regime``: the training regime that runs the strategy (``module=distill``; data-free strategies
+      declare ``datafree``); the composition root refuses a mismatch.
 
     A strategy with ``needs_features`` gets :meth:`build_feature_modules` called once at build
     time, with the feature shapes from a dry forward, before the optimiser exists (so the
@@ -57,8 +60,9 @@ class Strategy(nn.Module):
     every DDP rank builds the same ones).
     """
 
-    needs_teacher: bool = True
-    needs_features: bool = False
+    needs_teacher: ClassVar[bool] = True
+    needs_features: ClassVar[bool] = False
+    regime: ClassVar[str] = "distill"
 
     def __init__(self, teacher_transform: Optional[TeacherTransform] = None) -> None:
         super().__init__()

@@ -1,33 +1,53 @@
-"""Teachers: sources of soft targets, ``(x, y, idx) -> ModelOutput``.
+"""Teachers: where soft targets come from.
 
-A teacher is never trained by the student's optimiser: it is held outside the
-LightningModule's submodules (so it is not in ``parameters()``, checkpoints, or DDP).
-A teacher class may define ``prepare(cfg, ctx) -> dict`` (a classmethod): the runner calls
-it before instantiating the teacher and passes what it returns as extra arguments; that is
-where a missing artifact (a teacher checkpoint, a soft-label table) is found or built.
+Two roles, two classes:
+
+- :class:`TeacherSource` is what a ``teacher=`` config node builds (``_target_``): the *recipe* for getting a
+  teacher (a checkpoint, the teacher store, training one first; or a label table built by ReffAKD's stage A).
+  Every argument of its constructor is a setting it uses. :meth:`TeacherSource.load` finds or builds what is
+  missing (through the run context, which can run another kdx job) and returns the teacher.
+- :class:`Teacher` is the frozen object the training step calls: ``(x, y, idx) -> ModelOutput``. It is never
+  trained by the student's optimiser: the regime holds it outside its registered submodules (so it is not in
+  ``parameters()``, checkpoints, or DDP).
+
+Every capability the orchestration reads is declared here with its default; subclasses override them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
 
 import torch.nn as nn
 from torch import Tensor
 
 from kdx.distill.base import ModelOutput
+from kdx.teachers.store import TeacherStore
 
 
 class Teacher(nn.Module):
     #: whether the teacher's own test accuracy means anything (False for label tables)
     measures_accuracy: bool = True
-    #: test accuracy recorded with the checkpoint (None: the module measures it once)
+    #: test accuracy recorded with the checkpoint (None: the regime measures it once)
     known_acc1: Optional[float] = None
-    #: a short description for results files (architecture, checkpoint, sha256 ...)
-    info: dict
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: a short description for results files (architecture, checkpoint, sha256 ...)
+        self.info: dict[str, Any] = {}
+        #: sizes and times for results.json's ``resources`` (e.g. ReffAKD's autoencoder and table build)
+        self.resources: dict[str, Any] = {}
+        #: pictures a logger shows once when fitting starts: key → PNG path (ReffAKD's similarity heat-map)
+        self.images: dict[str, str] = {}
+
+    @property
+    def network(self) -> Optional[nn.Module]:
+        """The network whose modules feature taps and BN-statistics hooks attach to; None for a label table."""
+        return None
 
     def forward(self, x: Tensor, y: Tensor, idx: Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
 
-    # Hooks the module calls around training (no-ops here; the teacher-logit cache uses them)
+    # Hooks the regime calls around training (no-ops here; the teacher-logit cache uses them)
     def fill(self, trainer: Any, prep: Callable[[Tensor], Tensor]) -> None:
         """At fit start, before the first step: build what training steps will read."""
 
@@ -41,3 +61,39 @@ class Teacher(nn.Module):
     def for_evaluation(self) -> "Teacher":
         """The teacher that scores held-out images (its own accuracy); a cache of training logits defers."""
         return self
+
+
+class TeacherContext:
+    """What a :class:`TeacherSource` may use while loading: the run's data identity, the teacher store, this
+    process's rank, and two ways to run another kdx job (the composition root, :class:`kdx.build.RunContext`,
+    implements them with the runner it was given; teachers never import the runner)."""
+
+    dataset_key: str
+    num_classes: int
+    output_dir: Path
+    store: TeacherStore
+    rank: int
+
+    def train_teacher(self, model: Any, recipe: Any) -> tuple[Path, dict[str, Any]]:  # pragma: no cover
+        """Train the network ``model`` (a model config node) from labels with ``recipe`` (``teacher.train``);
+        returns the weights' path and their sidecar."""
+        raise NotImplementedError
+
+    def run_task(self, task: str, folder: str) -> dict[str, Any]:  # pragma: no cover
+        """Run this run's config as another ``task`` (e.g. ``reffakd_ae``) in ``<run>/<folder>``; its results."""
+        raise NotImplementedError
+
+
+class TeacherSource:
+    """What a ``teacher=`` config node builds; :meth:`load` returns the :class:`Teacher` of the run."""
+
+    #: whether the teacher is a network (feature taps, BN statistics, the logit cache need one); False for tables
+    has_network: ClassVar[bool] = True
+    #: the network's model config node (``teacher.model``), checked at start-up (feature taps); None for tables
+    model_config: Optional[Any] = None
+
+    def load(self, ctx: TeacherContext) -> Teacher:  # pragma: no cover - every source implements it
+        raise NotImplementedError
+
+
+__all__ = ["Teacher", "TeacherContext", "TeacherSource"]

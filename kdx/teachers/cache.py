@@ -1,4 +1,4 @@
-"""Teacher-logit cache: ``teacher.cache=exact|augmented`` (``off`` by default).
+"""Teacher-logit cache: ``teacher_cache=exact|augmented`` (``off`` by default).
 
 Why: a frozen teacher gives the same logits for the same input, yet a live run recomputes them
 every epoch; for a large teacher that is most of an epoch's forward work. The cache computes
@@ -6,7 +6,7 @@ them once, into a memory-mapped file, and reads them in every later epoch and ru
 
 - ``exact``: one row per training sample, for runs whose training inputs never change
   (``data.augment=false``, or no crop padding and no flip). Random augmentation is refused.
-- ``augmented``: ``V = teacher.cache_views`` fixed views per sample (crop offsets and flip,
+- ``augmented``: ``V = teacher_cache.views`` fixed views per sample (crop offsets and flip,
   :func:`kdx.data.augment.view_params`). In epoch ``e`` sample ``i`` shows view
   ``draw_view(seed, e, i, V)``: the datamodule crops and flips the student's input with exactly
   that view's parameters (:meth:`ArrayDataModule.use_stored_views`) and the cache returns the
@@ -21,7 +21,7 @@ so epoch 2 would still call the teacher; (c) DDP ranks then own disjoint, contig
 instead of the sampler's wrapped-around shards, which repeat samples. Its cost is one teacher
 pass (V for ``augmented``) at a larger batch: what a live epoch 1 spends on the teacher.
 
-Exactness: with ``teacher.cache_dtype=auto`` rows are stored in the live teacher's own output
+Exactness: with ``teacher_cache.dtype=auto`` rows are stored in the live teacher's own output
 dtype (float32 under ``trainer.precision=32-true``, bfloat16 under ``bf16-mixed``, float16 under
 ``16-mixed``), so nothing is rounded: a row is bit for bit the teacher's forward of that input
 in the pre-pass, and the pre-pass runs under the training step's autocast and memory format.
@@ -34,18 +34,18 @@ Validity: ``key.json`` beside the rows holds what the logits depend on: the teac
 (sha256) and architecture; the data (name, class, subset, split seed, held-out split, size,
 image shape, normalisation, a hash of the training split's pixels and labels); the transform
 (augment, pad, flip, views); precision, storage dtype, device type, channels-last, compile. The folder is
-``<teacher.cache_dir>/<dataset>/<arch>/<mode>-<hash of the key>``: changed settings get a new
+``<teacher_cache.dir>/<dataset>/<arch>/<mode>-<hash of the key>``: changed settings get a new
 folder (logged, naming what differs from the newest cache beside it); a ``key.json`` that does
 not match is rebuilt in place (logged). Nothing is reused silently.
 
 DDP: rank 0 prepares the files under a file lock (two jobs that need the same cache fill it
 once), then each rank computes a contiguous share of the missing rows and writes only those
 rows (logits, then their ``filled`` flags); after a barrier rank 0 checks every flag and writes
-``complete.json``. ``teacher.cache_dir`` must be on a file system all ranks share.
+``complete.json``. ``teacher_cache.dir`` must be on a file system all ranks share.
 
 Not for: feature methods (``afd``, ``rtk``: the cache holds logits only), ``teacher=reffakd`` (a
 table lookup, nothing to save), data-free ``distill=nayer`` (no fixed inputs): each stops at
-build naming ``teacher.cache=off``.
+build naming ``teacher_cache=off``.
 """
 from __future__ import annotations
 
@@ -53,17 +53,16 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from torch import Tensor
 
-from kdx.config import ConfigError
+from kdx.errors import ConfigError
 from kdx.data.augment import VIEW_SEED, draw_view
 from kdx.distill.base import ModelOutput
 from kdx.io import atomic_write_json, file_lock, flatten
@@ -80,67 +79,76 @@ DEVICE_TABLE_BYTES = 1 << 30  # tables up to this size are read from device memo
 COMMIT_S = 30.0  # a long pre-pass marks its rows filled this often, so an interrupted one resumes
 
 
-@dataclass(frozen=True)
+@dataclass
 class CacheSettings:
-    """``teacher.cache``, ``cache_views`` (1 for ``exact``), ``cache_dir`` and ``cache_dtype``, checked."""
+    """The ``teacher_cache`` node: ``mode`` (off | exact | augmented), ``views`` (per sample; 1 for exact),
+    ``dtype`` (auto | float32 | float16 | bfloat16) and ``dir`` (the cache's root folder)."""
 
-    mode: str
-    views: int
-    root: Path
-    dtype: str
+    mode: str = "off"
+    views: int = 1
+    dtype: str = "auto"
+    dir: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        self.mode = "off" if self.mode in (None, False) else str(self.mode)  # YAML reads a bare `off` as false
+        if self.mode not in MODES:
+            raise ConfigError(f"teacher_cache.mode={self.mode!r} is not one of {', '.join(MODES)} (teacher_cache=...).")
+        if int(self.views) < 1:
+            raise ConfigError(f"teacher_cache.views={self.views}: at least 1 view per sample.")
+        if self.mode == "exact" and int(self.views) != 1:
+            raise ConfigError(f"teacher_cache.views={self.views} with teacher_cache=exact (one view per sample); "
+                              "use teacher_cache=augmented for several views.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"teacher_cache.dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}.")
+        if self.mode != "off" and not self.dir:
+            raise ConfigError("teacher_cache.dir is not set: the folder where the cache's files go.")
+        self.views = int(self.views)
 
-def cache_settings(cfg: Any, strategy: Any, dm: Any) -> Optional[CacheSettings]:
-    """The cache settings of a run, or None; raises :class:`ConfigError` naming the setting to change.
+    @property
+    def root(self) -> Path:
+        return Path(str(self.dir)).expanduser()
 
-    Called before the teacher is built (or trained), so a wrong combination stops at once.
-    """
-    tcfg = cfg.teacher
-    raw = tcfg.get("cache", "off")
-    mode = "off" if raw in (None, False) else str(raw)  # YAML reads a bare `off` as false
-    if mode not in MODES:
-        raise ConfigError(f"teacher.cache={mode!r} is not one of {', '.join(MODES)}.")
-    if mode == "off" or not getattr(strategy, "needs_teacher", True):
-        return None
-    what = f"teacher.cache={mode}"
-    if getattr(strategy, "data_free", False):
-        raise ConfigError(
-            f"{what} does not apply to data-free distill={cfg.get('method')}: its teacher sees generated images, "
-            "never the same twice. Set teacher.cache=off."
-        )
-    if getattr(strategy, "needs_features", False):
-        raise ConfigError(
-            f"{what}: distill={cfg.get('method')} needs the teacher's intermediate features, but the cache holds "
-            "logits only. Set teacher.cache=off (the cache serves logit methods: kd, kd_crd, dkd, topkd)."
-        )
-    if not getattr(get_class(tcfg._target_), "has_network", True):
-        raise ConfigError(f"{what}: this teacher is a table of soft labels, not a network; set teacher.cache=off.")
-    random = dm.random_augmentation if hasattr(dm, "random_augmentation") else bool(getattr(dm, "augment", False))
-    if mode == "exact" and random:
-        raise ConfigError(
-            "teacher.cache=exact stores one teacher output per training sample, but data.augment=true gives the "
-            "samples a new random crop/flip every epoch. Set data.augment=false (fixed inputs), or "
-            "teacher.cache=augmented (a fixed set of teacher.cache_views views per sample)."
-        )
-    views = 1
-    if mode == "augmented":
-        if not hasattr(dm, "use_stored_views"):
+    def checked(self, strategy: Any, source: Any, dm: Any, regime: str) -> Optional["CacheSettings"]:
+        """The settings this run uses (None: no cache); raises :class:`ConfigError` naming the setting to change.
+
+        Called by the composition root before the teacher is loaded (or trained), so a wrong combination stops
+        at once. ``source`` is the teacher source's class, ``regime`` the module's.
+        """
+        if self.mode == "off":
+            return None
+        if not strategy.needs_teacher:
+            log.info("teacher_cache=%s: %s uses no teacher, nothing to cache.", self.mode, type(strategy).__name__)
+            return None
+        what = f"teacher_cache={self.mode}"
+        if regime != "distill":
+            raise ConfigError(f"{what} does not apply to the {regime} regime (module={regime}): its teacher sees "
+                              "generated images, never the same twice. Set teacher_cache=off.")
+        if strategy.needs_features:
             raise ConfigError(
-                f"teacher.cache=augmented needs a dataset held as uint8 arrays (cifar10, cifar100, svhn, "
-                f"fashion_mnist, synthetic, array files); data={dm.name} ({type(dm).__name__}) augments in loader "
-                "workers. Use data.augment=false with teacher.cache=exact, or teacher.cache=off."
+                f"{what}: {type(strategy).__name__} needs the teacher's intermediate features, but the cache holds "
+                "logits only. Set teacher_cache=off (the cache serves logit methods: kd, kd_crd, dkd, topkd)."
             )
-        views = int(tcfg.get("cache_views", 4))
-        if views < 1:
-            raise ConfigError(f"teacher.cache_views={views}: at least 1 view per sample.")
-        if not random:
-            log.info("teacher.cache=augmented without random augmentation: one view per sample, as teacher.cache=exact.")
-            mode, views = "exact", 1
-    dtype = str(tcfg.get("cache_dtype", "auto"))
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"teacher.cache_dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}.")
-    root = tcfg.get("cache_dir") or Path(cfg.paths.cache_dir) / "teacher_logits"
-    return CacheSettings(mode, views, Path(str(root)).expanduser(), dtype)
+        if not source.has_network:
+            raise ConfigError(f"{what}: this teacher is a table of soft labels, not a network; set teacher_cache=off.")
+        random = dm.random_augmentation
+        if self.mode == "exact" and random:
+            raise ConfigError(
+                "teacher_cache=exact stores one teacher output per training sample, but data.augment=true gives the "
+                "samples a new random crop/flip every epoch. Set data.augment=false (fixed inputs), or "
+                "teacher_cache=augmented (a fixed set of teacher_cache.views views per sample)."
+            )
+        if self.mode == "augmented":
+            if not dm.supports_stored_views:
+                raise ConfigError(
+                    f"teacher_cache=augmented needs a dataset held as uint8 arrays (cifar10, cifar100, svhn, "
+                    f"fashion_mnist, synthetic, array files); data={dm.name} ({type(dm).__name__}) augments in loader "
+                    "workers. Use data.augment=false with teacher_cache=exact, or teacher_cache=off."
+                )
+            if not random:
+                log.info("teacher_cache=augmented without random augmentation: one view per sample, as "
+                         "teacher_cache=exact.")
+                return replace(self, mode="exact", views=1)
+        return self
 
 
 class CachedTeacher(Teacher):
@@ -170,7 +178,6 @@ class CachedTeacher(Teacher):
         self.measures_accuracy = teacher.measures_accuracy
         self.known_acc1 = teacher.known_acc1
         self.info = {**teacher.info, "cache": {"mode": settings.mode, "views": settings.views}}
-        self.resources: dict[str, Any] = {}
         self.epoch = 0
         self.folder: Optional[Path] = None
         self._table: Optional[Tensor] = None
@@ -192,8 +199,8 @@ class CachedTeacher(Teacher):
         return self.live  # the cache holds training-split logits only
 
     @property
-    def feature_module(self) -> torch.nn.Module:
-        return self.live.feature_module
+    def network(self) -> Optional[torch.nn.Module]:
+        return self.live.network
 
     def set_epoch(self, epoch: int) -> None:
         """The 0-based training epoch, which picks each sample's view (as the datamodule does)."""
@@ -210,7 +217,7 @@ class CachedTeacher(Teacher):
         if self._table is None:
             raise RuntimeError(
                 "The teacher-logit cache was read before CachedTeacher.fill(trainer) ran (DistillModule runs it at "
-                "fit start). Set teacher.cache=off to use the live teacher."
+                "fit start). Set teacher_cache=off to use the live teacher."
             )
         if idx is None:
             raise ValueError("The teacher-logit cache looks logits up by sample index: pass idx.")
@@ -228,8 +235,6 @@ class CachedTeacher(Teacher):
         if batch is None:
             batch = dm.train_dataset[idx.tolist()]
         x, y, i = (t.to(device) for t in batch)
-        if not hasattr(dm, "transform_batch"):  # the dataset transformed it (image folders, deterministic)
-            return x
         if self.settings.mode == "augmented":
             return dm.transform_view_batch((x, y, i), view)[0]
         return dm.transform_batch((x, y, i), train=True, epoch=0)[0]
@@ -239,7 +244,7 @@ class CachedTeacher(Teacher):
         dm, ds = self.dm, self.dm.train_dataset
         transform: dict[str, Any] = {"augment": bool(dm.augment)}
         if dm.augment:
-            transform.update(pad=int(dm.pad), hflip=bool(getattr(dm, "hflip", True)))
+            transform.update(pad=int(dm.pad), hflip=bool(dm.hflip))
         if self.settings.mode == "augmented":
             transform.update(views=self.settings.views, view_seed=VIEW_SEED)
         return {
@@ -249,9 +254,9 @@ class CachedTeacher(Teacher):
             "data": {
                 "name": dm.name, "key": self.dataset_key, "class": type(dm).__name__, "split": "train",
                 "subset": dm.subset, "val_split": dm.val_split, "split_seed": dm.split_seed, "size": len(ds),
-                "image_shape": list(dm.image_shape), "image_size": getattr(dm, "image_size", None),
+                "image_shape": list(dm.image_shape), "image_size": dm.image_size,
                 "mean": [float(m) for m in dm.mean], "std": [float(s) for s in dm.std],
-                "fingerprint": fingerprint(ds),
+                "fingerprint": dm.train_fingerprint(),
             },
             "transform": transform,
             "precision": self.precision,
@@ -287,8 +292,8 @@ class CachedTeacher(Teacher):
             strategy.barrier("kdx_teacher_cache_open")
             if not (folder / KEY).is_file():
                 raise RuntimeError(
-                    f"Rank {rank} cannot see the teacher-logit cache {folder} that rank 0 created: teacher.cache_dir "
-                    "must be on a file system every process shares (or set teacher.cache=off)."
+                    f"Rank {rank} cannot see the teacher-logit cache {folder} that rank 0 created: teacher_cache.dir "
+                    "must be on a file system every process shares (or set teacher_cache=off)."
                 )
             filled = np.memmap(folder / FILLED, np.uint8, "r+", shape=(key["rows"],))
             missing = np.flatnonzero(filled == 0)
@@ -318,7 +323,7 @@ class CachedTeacher(Teacher):
         """Teacher logits of ``rows`` into the file; their ``filled`` flags follow each flushed part."""
         if len(rows) == 0:
             return
-        views, bs = self.settings.views, int(getattr(self.dm, "eval_batch_size", 256))
+        views, bs = self.settings.views, int(self.dm.eval_batch_size)
         logits = np.memmap(folder / LOGITS, _NUMPY[dtype], "r+", shape=(key["rows"], key["classes"]))
         todo: list[tuple[int, Tensor]] = []
         rows_t = torch.from_numpy(rows)
@@ -327,7 +332,7 @@ class CachedTeacher(Teacher):
             todo += [(v, chunk) for chunk in samples.split(bs)]
         loader = torch.utils.data.DataLoader(
             self.dm.train_dataset, batch_size=None, sampler=[c.tolist() for _, c in todo],
-            num_workers=int(getattr(self.dm, "num_workers", 0)),
+            num_workers=int(self.dm.num_workers),
         )
         pending: list[np.ndarray] = []
         last = time.time()
@@ -345,24 +350,6 @@ class CachedTeacher(Teacher):
 
 
 # ---------------------------------------------------------------------------------------- files
-def fingerprint(dataset: Any) -> str:
-    """A hash of a training split's contents: pixels, labels and source indices (or its file list)."""
-    h = hashlib.blake2b(digest_size=16)
-    x = getattr(dataset, "x", None)
-    if isinstance(x, Tensor):
-        h.update(memoryview(x.contiguous().numpy()).cast("B"))
-        h.update(dataset.y.numpy().tobytes())
-    elif hasattr(dataset, "samples"):
-        for path, label in dataset.samples:
-            h.update(f"{path}\t{label}\n".encode())
-    else:
-        h.update(str(len(dataset)).encode())
-    src = getattr(dataset, "source_index", None)
-    if isinstance(src, Tensor):
-        h.update(src.numpy().tobytes())
-    return h.hexdigest()
-
-
 def _safe(part: str) -> str:
     return "".join(c if c.isalnum() or c in "._+-" else "_" for c in part)
 

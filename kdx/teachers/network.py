@@ -1,51 +1,45 @@
-"""A frozen network teacher, loaded from ``teacher.ckpt`` or from the teacher store.
+"""A frozen network teacher, and where its weights come from (``teacher=net``).
 
-Frozen means: ``eval()`` always (also after ``train()`` is called on it), no parameter
-requires grad, the forward runs under ``torch.no_grad()``.
+- :class:`NetworkTeacher`: frozen means ``eval()`` always (also after ``train()`` is called on it), no parameter
+  requires grad, the forward runs under ``torch.no_grad()``.
+- :class:`NetworkTeacherSource` (the ``teacher=net`` node): ``teacher.ckpt`` if given; else the teacher store
+  (``paths.teachers/<dataset>/<arch>/``); else, with ``auto_train``, kdx trains the teacher first with the teacher
+  recipe :class:`TeacherRecipe` (``teacher.train``) and stores it (only a run of its whole budget is stored).
+- Under DDP every rank takes part in training a missing teacher; only rank 0 holds the store's lock and writes
+  (:func:`kdx.dist.rank` tells the ranks apart under torchrun, Lightning, submitit and SLURM).
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from kdx.distill.base import ModelOutput
-from kdx.io import CheckpointError, load_into, load_state_dict_file, sha256_file
-from kdx.teachers.base import Teacher
-from kdx.teachers.store import TeacherStore
+from kdx.errors import CheckpointError
+from kdx.io import load_into, load_state_dict_file, sha256_file
+from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
 
 log = logging.getLogger(__name__)
 
 
 class NetworkTeacher(Teacher):
-    def __init__(
-        self,
-        model: nn.Module,
-        ckpt: Optional[str] = None,
-        arch: Optional[str] = None,
-        sidecar: Optional[dict[str, Any]] = None,
-        dataset_key: Optional[str] = None,
-        auto_train: bool = True,
-        train: Optional[dict[str, Any]] = None,
-        store_tag: Optional[str] = None,
-        cache: Any = "off",
-        cache_views: int = 4,
-        cache_dtype: str = "auto",
-        cache_dir: Optional[str] = None,
-    ) -> None:
-        """``cache*`` are read by the runner, which wraps this teacher in :class:`kdx.teachers.cache.CachedTeacher`."""
+    """A trained network, frozen; ``meta`` is its sidecar (architecture, dataset, classes, accuracy, sha256)."""
+
+    def __init__(self, net: nn.Module, ckpt: str | Path, meta: Optional[dict[str, Any]] = None,
+                 dataset_key: Optional[str] = None) -> None:
         super().__init__()
-        if ckpt is None:
-            raise CheckpointError("No teacher checkpoint: set teacher.ckpt=<path> (or let kdx train one).")
-        self.net = model
+        self.net = net
         load_into(self.net, load_state_dict_file(ckpt, "teacher.ckpt"), ckpt, "teacher.ckpt")
         self.net.requires_grad_(False)
         self.eval()
-        meta = sidecar or {}
+        meta = meta or {}
         if meta.get("num_classes") is not None:
             n_out = _num_outputs(self.net)
             if n_out is not None and n_out != meta["num_classes"]:
@@ -53,85 +47,94 @@ class NetworkTeacher(Teacher):
         same_data = dataset_key is None or meta.get("dataset") in (None, dataset_key)
         self.known_acc1 = meta.get("test_acc1") if same_data else None
         self.info = {
-            "arch": arch or meta.get("arch"),
+            "arch": meta.get("arch"),
             "ckpt": str(ckpt),
             "sha256": meta.get("sha256") or sha256_file(ckpt),
             "dataset": meta.get("dataset"),
             "recorded_test_acc1": meta.get("test_acc1"),
+            "epochs": meta.get("epochs"),
+            "budget": meta.get("budget"),
         }
 
     def train(self, mode: bool = True) -> "NetworkTeacher":
         return super().train(False)  # frozen: BN uses running statistics, always
 
     @property
-    def feature_module(self) -> nn.Module:
-        """The network that feature taps hook (``teacher.model.taps``); see :mod:`kdx.features`."""
+    def network(self) -> nn.Module:
         return self.net
 
     @torch.no_grad()
     def forward(self, x, y=None, idx=None) -> ModelOutput:
         return ModelOutput(self.net(x))
 
-    @classmethod
-    def prepare(cls, cfg, ctx) -> dict[str, Any]:
-        """Find the teacher's weights: ``teacher.ckpt``, else the store, else train one."""
-        tcfg = cfg.teacher
-        arch = tcfg.model.name
-        key = ctx.dataset_key + (f"-{tcfg.store_tag}" if tcfg.get("store_tag") else "")
-        if tcfg.get("ckpt"):
-            ckpt = Path(tcfg.ckpt).expanduser()
-            meta = _sidecar_for(ckpt)
-            if meta.get("arch") not in (None, arch):
-                raise CheckpointError(
-                    f"teacher.ckpt={ckpt} was trained as '{meta['arch']}' but the teacher model is '{arch}'. "
-                    f"Set model@teacher.model={meta['arch']} or pass a {arch} checkpoint."
-                )
-            if meta.get("num_classes") not in (None, ctx.num_classes):
-                raise CheckpointError(
-                    f"teacher.ckpt={ckpt} has {meta['num_classes']} classes but data={ctx.dataset_key} has "
-                    f"{ctx.num_classes}. Pass a teacher trained on this dataset (teacher.ckpt=...)."
-                )
-            return {"ckpt": str(ckpt), "arch": arch, "sidecar": _brief(meta), "dataset_key": ctx.dataset_key}
-        store = TeacherStore(cfg.paths.teachers)
-        if _is_ddp_child():
-            # DDP processes started by rank 0 follow it: rank 0 holds the lock and writes the store;
-            # if it is training the teacher, this process joins that training as a DDP rank.
-            found = store.lookup(key, arch)
-            weights, meta = found if found is not None else ctx.train_teacher(cfg)
-            return {"ckpt": str(weights), "arch": arch, "sidecar": _brief(meta), "dataset_key": ctx.dataset_key}
-        with store.lock(key, arch):
-            found = store.lookup(key, arch)
+
+@dataclass
+class TeacherRecipe:
+    """``teacher.train``: how a missing teacher is trained (plain cross-entropy, the run's data).
+
+    ``max_epochs``/``optim``/``scheduler`` null take this run's own (the scheduler's ``total_epochs`` follows the
+    teacher's epochs). A config node that only describes: the run context reads it to build the teacher's run.
+    """
+
+    max_epochs: Optional[int] = None
+    optim: Optional[Any] = None
+    scheduler: Optional[Any] = None
+    seed: int = 0
+
+
+class NetworkTeacherSource(TeacherSource):
+    """``teacher=net``: a network teacher from ``ckpt``, else the store, else trained first (``auto_train``)."""
+
+    has_network = True
+
+    def __init__(self, model: DictConfig, ckpt: Optional[str] = None, auto_train: bool = True,
+                 store_tag: Optional[str] = None, train: Optional[DictConfig] = None) -> None:
+        self.model_config, self.ckpt, self.auto_train = model, ckpt, bool(auto_train)
+        self.store_tag, self.recipe = store_tag, train
+        self.arch = str(model.get("name"))
+
+    def load(self, ctx: TeacherContext) -> NetworkTeacher:
+        net = instantiate(self.model_config, num_classes=ctx.num_classes)
+        if self.ckpt:
+            path = Path(str(self.ckpt)).expanduser()
+            meta = _sidecar_for(path)
+            self._check_sidecar(path, meta, ctx)
+            return NetworkTeacher(net, path, {**meta, "arch": self.arch}, ctx.dataset_key)
+        key = ctx.dataset_key + (f"-{self.store_tag}" if self.store_tag else "")
+        store = ctx.store
+        if ctx.rank > 0:
+            # rank 0 holds the lock and writes the store; if it is training the teacher, this rank joins it
+            found = store.lookup(key, self.arch)
+            weights, meta = found if found is not None else ctx.train_teacher(self.model_config, self.recipe)
+            return NetworkTeacher(net, weights, meta, ctx.dataset_key)
+        with store.lock(key, self.arch):
+            found = store.lookup(key, self.arch)
             if found is None:
-                if not tcfg.get("auto_train", True):
+                if not self.auto_train:
                     raise CheckpointError(
-                        f"No {arch} teacher for '{key}' in the teacher store {store.entry_dir(key, arch)}. "
-                        f"Pass teacher.ckpt=<path>, train one with `python -m kdx task=train model={arch} "
+                        f"No {self.arch} teacher for '{key}' in the teacher store {store.entry_dir(key, self.arch)}. "
+                        f"Pass teacher.ckpt=<path>, train one with `python -m kdx task=train model={self.arch} "
                         f"data=...`, or set teacher.auto_train=true."
                     )
-                log.warning(
-                    "No %s teacher for '%s' in the teacher store (%s): training it first with the teacher "
-                    "recipe (teacher.train), then distilling.", arch, key, store.root,
-                )
-                weights, meta = ctx.train_teacher(cfg)
-                store.put(key, arch, weights, meta)
-                found = store.lookup(key, arch)
-                log.info("Stored the new teacher at %s", found[0])
+                log.warning("No %s teacher for '%s' in the teacher store (%s): training it first with the teacher "
+                            "recipe (teacher.train), then distilling.", self.arch, key, store.root)
+                weights, meta = ctx.train_teacher(self.model_config, self.recipe)
+                found = (weights, meta) if store.register(key, self.arch, weights, meta) is None \
+                    else store.lookup(key, self.arch)
             weights, meta = found
-        return {"ckpt": str(weights), "arch": arch, "sidecar": _brief(meta), "dataset_key": ctx.dataset_key}
+        return NetworkTeacher(net, weights, meta, ctx.dataset_key)
 
-
-_SIDECAR_FIELDS = ("arch", "dataset", "num_classes", "test_acc1", "sha256")
-
-
-def _brief(meta: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar fields the teacher needs (not its nested config, which holds _target_ nodes)."""
-    return {k: meta.get(k) for k in _SIDECAR_FIELDS}
-
-
-def _is_ddp_child() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) > 0
+    def _check_sidecar(self, path: Path, meta: dict[str, Any], ctx: TeacherContext) -> None:
+        if meta.get("arch") not in (None, self.arch):
+            raise CheckpointError(
+                f"teacher.ckpt={path} was trained as '{meta['arch']}' but the teacher model is '{self.arch}'. "
+                f"Set teacher_arch={meta['arch']} or pass a {self.arch} checkpoint."
+            )
+        if meta.get("num_classes") not in (None, ctx.num_classes):
+            raise CheckpointError(
+                f"teacher.ckpt={path} has {meta['num_classes']} classes but data={ctx.dataset_key} has "
+                f"{ctx.num_classes}. Pass a teacher trained on this dataset (teacher.ckpt=...)."
+            )
 
 
 def _sidecar_for(ckpt: Path) -> dict[str, Any]:
@@ -150,3 +153,6 @@ def _num_outputs(net: nn.Module) -> Optional[int]:
         if isinstance(m, nn.Linear):
             last = m
     return None if last is None else last.out_features
+
+
+__all__ = ["NetworkTeacher", "NetworkTeacherSource", "TeacherRecipe"]

@@ -1,4 +1,4 @@
-"""ReffAKD stage A (METHODS.md §5, steps A and B): the autoencoder and the soft-label table.
+"""ReffAKD stage A (docs/methods.md, ReffAKD, steps A and B): the autoencoder and the soft-label table.
 
 ``python -m kdx task=reffakd_ae teacher=reffakd data=cifar100`` (settings under ``teacher.ae.*``):
 
@@ -17,13 +17,14 @@
 3. Save the artifact ``paths.teachers/<dataset>/reffakd-<hash of the settings>/`` (``ae.pt``,
    ``table.pt`` = {A, Q}, ``reffakd.json`` with settings and timings, ``similarity.png``), atomically,
    and the heat-map of ``A`` in the run folder (logged to W&B with the W&B logger).
+
+A kdx task (``task=reffakd_ae``, dispatched by :mod:`kdx.run`); a ReffAKD teacher whose table is missing runs it
+through the run context. It takes the store entry's lock for the whole build, so concurrent jobs build it once.
 """
 from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
-import json
 import logging
 import math
 import random
@@ -38,33 +39,20 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from kdx.build import instantiate_data, instantiate_unwrapped
+from kdx.config import resolved, validate
 from kdx.data.augment import apply_crop_flip, crop_flip_params, hash_uniform32
+from kdx.errors import ConfigError
 from kdx.io import atomic_path, atomic_torch_save, atomic_write_json, sha256_file
-from kdx.teachers.reffakd import AE_WEIGHTS, HEATMAP, META, TABLE, class_similarity, soft_labels
+from kdx.loggers import build_logger, close_logger
+from kdx.results import git_revision
+from kdx.teachers.reffakd_table import (
+    AE_WEIGHTS, HEATMAP, META, TABLE, AESettings, artifact_complete, artifact_name, class_similarity, settings_hash,
+    soft_labels,
+)
 from kdx.teachers.store import TeacherStore
 
 log = logging.getLogger("kdx")
-
-#: the stage-A settings (``teacher.ae``) with the official defaults; all but ``eval_batch_size`` key the artifact
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "epochs": 200,
-    "batch_size": 128,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 5.0e-4,
-    "milestones": [60, 120, 160],
-    "gamma": 0.2,
-    "pad": 4,
-    "rotation": 15.0,
-    "samples_per_class": 40,
-    "selection_seed": 42,
-    "diag_bonus": 0.0225,
-    "embed_augmented": True,
-    "seed": 0,
-    "eval_batch_size": 1000,
-}
-_NOT_KEYED = ("eval_batch_size",)
-
 
 class ReffAE(nn.Module):
     """The official ReffAKD autoencoder: 3 stride-2 convs (12, 24, 48 channels) and their mirror.
@@ -94,32 +82,6 @@ class ReffAE(nn.Module):
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ------------------------------------------------------------------------------------------ settings
-
-
-def ae_settings(node: Any) -> dict[str, Any]:
-    """``teacher.ae`` as a plain dict over the defaults; unknown keys stop with the valid ones."""
-    given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    unknown = set(given) - set(DEFAULT_SETTINGS)
-    if unknown:
-        raise ValueError(f"Unknown teacher.ae key(s) {sorted(unknown)}; valid: {', '.join(DEFAULT_SETTINGS)}.")
-    s = {**DEFAULT_SETTINGS, **given}
-    for key in ("epochs", "batch_size", "samples_per_class", "eval_batch_size"):
-        if int(s[key]) < 1:
-            raise ValueError(f"teacher.ae.{key}={s[key]!r} must be >= 1.")
-    return s
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    keyed = {k: v for k, v in sorted(settings.items()) if k not in _NOT_KEYED}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def artifact_name(settings: dict[str, Any]) -> str:
-    """The store entry name of a table: ``reffakd-<short hash of the settings>``."""
-    return f"reffakd-{settings_hash(settings)}"
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -183,8 +145,8 @@ def _device(cfg: DictConfig) -> torch.device:
 
 def _arrays(dm: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     train, test = dm.train_dataset, dm.test_dataset
-    if not (hasattr(train, "x") and hasattr(train, "y")):
-        raise ValueError(
+    if not dm.in_memory:
+        raise ConfigError(
             f"ReffAKD stage A needs an in-memory datamodule (uint8 arrays); data={dm.name} "
             f"({type(dm).__name__}) does not provide one. Use an array-backed data config."
         )
@@ -321,42 +283,37 @@ def save_heatmap(A: Tensor, class_names: list[str], path: Path, title: str = "")
 # ------------------------------------------------------------------------------------------ stage A
 
 
-def _stage_cfg(cfg: DictConfig, out: Path) -> DictConfig:
-    """The run's config with its outputs (and the logger's) moved to ``out``."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c["task"] = "reffakd_ae"
-    c.setdefault("paths", {})["output_dir"] = str(out)
-    if isinstance(c.get("logger"), dict) and "save_dir" in c["logger"]:
-        c["logger"]["save_dir"] = str(out)
-    return OmegaConf.create(c)
+def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Stage A: train the AE, build ``A`` and ``Q``, save the artifact; returns the stage's results.
 
-
-def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: bool = True) -> dict[str, Any]:
-    """Stage A: train the AE, build ``A`` and ``Q``, save the artifact; returns the stage's results."""
-    from kdx.callbacks import build_logger
-    from kdx.runner import close_logger, dataset_key, git_revision, instantiate_unwrapped
-
-    if "ae" not in cfg.get("teacher", {}):
-        from kdx.config import ConfigError
-
+    The whole build holds the store entry's lock; an artifact that is complete when the lock is taken (another
+    job built it meanwhile) is not built again (the results say ``skipped``).
+    """
+    if cfg.teacher.get("ae") is None:
         raise ConfigError(
             "task=reffakd_ae trains the ReffAKD autoencoder configured by the reffakd teacher: add teacher=reffakd "
             "(its settings are teacher.ae.*)."
         )
-    s = ae_settings(cfg.teacher.ae)
+    settings: AESettings = instantiate_unwrapped(cfg.teacher.ae)
+    s = settings.as_dict()
     out = Path(output_dir or cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _stage_cfg(cfg, out)
-    dm = instantiate_unwrapped(cfg.data)
-    if hasattr(dm, "prepare_data"):
-        dm.prepare_data()
-    dm.setup("fit")
-    key, num_classes = dataset_key(dm), int(dm.num_classes)
-    x_train, y_train, x_test, _ = _arrays(dm)
-    device = _device(cfg)
-    name = artifact_name(s)
+    dm = instantiate_data(cfg.data)
+    key, num_classes = dm.dataset_key, int(dm.num_classes)
+    name = artifact_name(settings)
     store = TeacherStore(cfg.paths.teachers)
     entry = store.entry_dir(key, name)
+    with store.lock(key, name):
+        if artifact_complete(entry):
+            log.info("ReffAKD stage A: the table %s is complete (built by another job): not built again.", entry)
+            return {"status": "complete", "task": "reffakd_ae", "artifact": str(entry), "skipped": True}
+        return _build(cfg, dm, settings, s, out, key, num_classes, entry)
+
+
+def _build(cfg: DictConfig, dm: Any, settings: AESettings, s: dict[str, Any], out: Path, key: str, num_classes: int,
+           entry: Path) -> dict[str, Any]:
+    x_train, y_train, x_test, _ = _arrays(dm)
+    device = _device(cfg)
     info = {"method": "reffakd_ae", "dataset": key, "pair": "reffakd_ae", "seed": int(s["seed"])}
     logger = build_logger(cfg, info)
     started = _dt.datetime.now().isoformat(timespec="seconds")
@@ -374,7 +331,7 @@ def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: boo
         A = class_similarity(emb, y_train[picked], num_classes, float(s["diag_bonus"]))
         Q = soft_labels(A)
         build_time = time.time() - t1
-        class_names = list(getattr(dm, "class_names", []) or [str(i) for i in range(num_classes)])
+        class_names = list(dm.class_names)
         png = save_heatmap(A, class_names, out / HEATMAP, f"ReffAKD class similarity A ({key})")
         if logger is not None and type(logger).__name__ == "WandbLogger":
             import wandb
@@ -386,7 +343,7 @@ def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: boo
             "num_classes": num_classes,
             "class_names": class_names,
             "settings": s,
-            "settings_hash": settings_hash(s),
+            "settings_hash": settings_hash(settings),
             "ae_params": num_params(ae),
             "embedding_dim": int(emb.shape[1]),
             "ae_train_time_s": record["ae_train_time_s"],
@@ -400,21 +357,13 @@ def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: boo
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "git": git_revision(),
         }
-
-        def save() -> None:
-            entry.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({k: v.detach().cpu() for k, v in ae.state_dict().items()}, entry / AE_WEIGHTS)
-            atomic_torch_save({"A": A.cpu(), "Q": Q.cpu()}, entry / TABLE)
-            with atomic_path(entry / HEATMAP) as tmp:
-                shutil.copyfile(png, tmp)
-            meta.update(table_sha256=sha256_file(entry / TABLE), ae_sha256=sha256_file(entry / AE_WEIGHTS))
-            atomic_write_json(entry / META, meta)  # last: its presence marks a complete artifact
-
-        if lock:
-            with store.lock(key, name):
-                save()
-        else:
-            save()
+        entry.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({k: v.detach().cpu() for k, v in ae.state_dict().items()}, entry / AE_WEIGHTS)
+        atomic_torch_save({"A": A.cpu(), "Q": Q.cpu()}, entry / TABLE)
+        with atomic_path(entry / HEATMAP) as tmp:
+            shutil.copyfile(png, tmp)
+        meta.update(table_sha256=sha256_file(entry / TABLE), ae_sha256=sha256_file(entry / AE_WEIGHTS))
+        atomic_write_json(entry / META, meta)  # last: its presence marks a complete artifact
     except BaseException:
         close_logger(logger, "failed")
         raise
@@ -423,7 +372,7 @@ def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: boo
         "task": "reffakd_ae",
         "method": "reffakd_ae",
         "dataset": key,
-        "data": dm.describe() if hasattr(dm, "describe") else {"name": key},
+        "data": dm.describe(),
         "artifact": str(entry),
         "heatmap": str(out / HEATMAP),
         **{k: meta[k] for k in ("settings", "settings_hash", "ae_params", "embedding_dim", "best_test_mse",
@@ -444,8 +393,6 @@ def build_artifact(cfg: DictConfig, output_dir: Optional[Path] = None, lock: boo
 
 def run_stage_a(cfg: DictConfig) -> dict[str, Any]:
     """``task=reffakd_ae``: validate the config, then :func:`build_artifact` in the run folder."""
-    from kdx.config import resolved, validate
-
     validate(cfg)
     cfg = resolved(cfg)
     return build_artifact(cfg, Path(cfg.paths.output_dir))

@@ -1,68 +1,83 @@
-"""One LightningModule for every teacher → student strategy (and plain training).
+"""The regimes' shared base: one LightningModule family (``module=distill|datafree``).
 
-``training_step``: teacher → teacher transform → student → strategy → log each term → sum.
-The teacher is held outside the module's submodules, so it is never in ``parameters()``,
-the optimiser, a checkpoint or the DDP wrapper, and ``train()`` on this module cannot
-switch it out of eval mode.
+:class:`KDModule` owns what every regime has: evaluation (validation and test top-1/top-5, the teacher's own
+accuracy once), the per-epoch history, the best epoch, checkpoint state, the optimiser and schedule (over the
+student's parameters and the strategy's trainable parts), the non-finite loss check, and the teacher's device and
+hooks. The teacher is held outside the module's submodules, so it is never in ``parameters()``, the optimiser, a
+checkpoint or the DDP wrapper, and ``train()`` on the module cannot switch it out of eval mode.
+
+A regime is built by the composition root as ``instantiate(cfg.module)(parts)``: :class:`Parts` bundles the run's
+objects; the regime's own settings are its config node's keys. What the orchestration reads from a regime is
+declared here with its default: ``regime``, :meth:`fit_datamodule`, :meth:`trainer_kwargs`, :meth:`results_extra`.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch import LightningDataModule
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdx.distill.base import Batch, ModelOutput, Strategy
-from kdx.features import FeatureTaps, capture
-from kdx.teachers.base import Teacher
+from kdx.errors import NonFiniteLossError
+from kdx.regimes.step import StepParts
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the run stops at once (see the message for how to resume)."""
+@dataclass
+class Perf:
+    """The ``perf`` node: memory format, compilation, and the non-finite loss check."""
+
+    channels_last: bool = False
+    compile: bool = False
+    check_finite: bool = True
+
+
+@dataclass
+class Parts:
+    """Everything a regime is built from (the composition root fills it)."""
+
+    step: StepParts
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Optional[Callable[..., Any]]
+    datamodule: LightningDataModule
+    num_classes: int
+    perf: Perf
+    output_dir: Path
+    seed: int
 
 
 def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
 
 
-class DistillModule(pl.LightningModule):
-    def __init__(
-        self,
-        student: nn.Module,
-        strategy: Strategy,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Optional[Callable[..., Any]],
-        num_classes: int,
-        teacher: Optional[Teacher] = None,
-        has_heldout_val: bool = False,
-        channels_last: bool = False,
-        check_finite: bool = True,
-        compile: bool = False,
-        student_taps: Optional[FeatureTaps] = None,
-        teacher_taps: Optional[FeatureTaps] = None,
-    ) -> None:
+class KDModule(pl.LightningModule):
+    #: the strategies this regime runs: a strategy whose ``regime`` differs is refused at build time
+    regime: ClassVar[str] = "distill"
+
+    def __init__(self, parts: Parts) -> None:
         super().__init__()
-        self.student = student
-        self.strategy = strategy
-        object.__setattr__(self, "teacher", teacher)  # deliberately not a registered submodule
-        # feature hooks (kdx.features), only when the strategy asks: they capture in training_step only
-        self.student_taps, self.teacher_taps = student_taps, teacher_taps
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.num_classes = num_classes
-        self.has_heldout_val = has_heldout_val
-        self.channels_last = channels_last
-        self.check_finite = check_finite
+        step = parts.step
+        self.student = step.student
+        self.strategy = step.strategy
+        object.__setattr__(self, "teacher", step.teacher)  # deliberately not a registered submodule
+        object.__setattr__(self, "parts", parts)
+        self.step_parts = step
+        self.optimizer_factory, self.scheduler_factory = parts.optimizer, parts.scheduler
+        self.num_classes = int(parts.num_classes)
+        self.has_heldout_val = bool(parts.datamodule.has_heldout_val)
+        self.channels_last, self.check_finite = bool(parts.perf.channels_last), bool(parts.perf.check_finite)
         # one metric set per evaluation loader: 0 = validation (held-out or test split), 1 = test split
-        self.val_top1 = nn.ModuleList([_accuracy(num_classes, 1) for _ in range(2)])
-        self.val_top5 = nn.ModuleList([_accuracy(num_classes, 5) for _ in range(2)])
-        self.test_top1, self.test_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, 5)
-        self.teacher_top1 = _accuracy(num_classes, 1)
+        self.val_top1 = nn.ModuleList([_accuracy(self.num_classes, 1) for _ in range(2)])
+        self.val_top5 = nn.ModuleList([_accuracy(self.num_classes, 5) for _ in range(2)])
+        self.test_top1, self.test_top5 = _accuracy(self.num_classes, 1), _accuracy(self.num_classes, 5)
+        self.teacher_top1 = _accuracy(self.num_classes, 1)
+        teacher = self.teacher
         self.teacher_acc1: Optional[float] = None
         if teacher is not None and teacher.measures_accuracy and teacher.known_acc1 is not None:
             self.teacher_acc1 = float(teacher.known_acc1)
@@ -70,14 +85,29 @@ class DistillModule(pl.LightningModule):
         self.best: dict[str, Any] = {"epoch": None, "val_acc1": float("-inf"), "test_acc1": None}
         self._train_loss_sum = torch.zeros(())
         self._train_loss_n = 0
-        if channels_last:
+        self._epoch_train_loss: Optional[float] = None
+        self.images_seen = 0  # training images the student has taken a step on (this rank)
+        if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if teacher is not None:
                 teacher.to(memory_format=torch.channels_last)
-        if compile:  # in place: parameter names, checkpoints and hooks stay as they are
+        if parts.perf.compile:  # in place: parameter names, checkpoints and hooks stay as they are
             self.student.compile()
             if teacher is not None:
                 teacher.compile()
+
+    # ------------------------------------------------------------------ what the orchestration reads
+    def fit_datamodule(self) -> LightningDataModule:
+        """The datamodule ``Trainer.fit`` and ``Trainer.test`` run on."""
+        return self.parts.datamodule
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Trainer arguments this regime needs (the composition root refuses a conflicting ``trainer.*``)."""
+        return {}
+
+    def results_extra(self) -> dict[str, Any]:
+        """What this regime adds to results.json (e.g. the data-free memory bank and synthesis times)."""
+        return {}
 
     # ------------------------------------------------------------------ devices and teacher
     def _teacher_to_device(self) -> None:
@@ -87,7 +117,7 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_to_device()
-        if self.teacher is not None:  # e.g. teacher.cache: compute the missing logits once (kdx.teachers.cache)
+        if self.teacher is not None:  # e.g. teacher_cache: compute the missing logits once (kdx.teachers.cache)
             self.teacher.fill(self.trainer, self._prep)
 
     def on_train_epoch_start(self) -> None:
@@ -103,33 +133,22 @@ class DistillModule(pl.LightningModule):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    # ------------------------------------------------------------------ training
-    def training_step(self, batch, batch_idx):
-        x, y, idx = batch
-        x = self._prep(x)
-        batch = Batch(x, y, idx)
-        epoch = self.current_epoch + 1  # strategies see 1-based epochs
-        teacher_out = None
-        if self.teacher is not None:
-            with capture(self.teacher_taps) as teacher_feats:
-                raw = self.teacher(x, y, idx)
-            teacher_out = ModelOutput(self.strategy.transform_teacher(raw.logits, y), {**raw.features, **teacher_feats})
-        with capture(self.student_taps) as student_feats:
-            logits = self.student(x)
-        student_out = ModelOutput(logits, student_feats)
-        terms = self.strategy(student_out, teacher_out, batch, epoch)
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
-        if self.check_finite:
-            self._stop_if_not_finite(loss, terms)
-        bs = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+    # ------------------------------------------------------------------ losses
+    def log_terms(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log the total and each weighted term (``train/loss``, ``train/loss/<term>``)."""
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
-            self.log(f"train/loss/{name}", value, batch_size=bs)
+            self.log(f"train/loss/{name}", value.detach(), batch_size=batch_size)
+
+    def track_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Accumulate the epoch's training loss (on the device) and count the images seen."""
         self._train_loss_sum = self._train_loss_sum.to(loss.device) + loss.detach()
         self._train_loss_n += 1
-        return loss
+        self.images_seen += int(batch_size)
 
-    def _stop_if_not_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+    def stop_if_not_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if not self.check_finite:
+            return
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank stops together, never a hang in all-reduce
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -206,7 +225,7 @@ class DistillModule(pl.LightningModule):
         self.log("val/acc1", val1, prog_bar=True, add_dataloader_idx=False)
         row = {"epoch": epoch, "val_acc1": val1, "val_acc5": val5, "test_acc1": test1,
                "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else None}
-        if getattr(self, "_epoch_train_loss", None) is not None:
+        if self._epoch_train_loss is not None:
             row["train_loss"] = self._epoch_train_loss
         self.history.append(row)
 
@@ -239,7 +258,8 @@ class DistillModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["kdx"] = {"history": self.history, "best": self.best, "teacher_acc1": self.teacher_acc1}
+        checkpoint["kdx"] = {"history": self.history, "best": self.best, "teacher_acc1": self.teacher_acc1,
+                             "images_seen": self.images_seen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("kdx", {})
@@ -247,3 +267,7 @@ class DistillModule(pl.LightningModule):
         self.best = dict(state.get("best", self.best))
         if state.get("teacher_acc1") is not None:
             self.teacher_acc1 = state["teacher_acc1"]
+        self.images_seen = int(state.get("images_seen", 0))
+
+
+__all__ = ["KDModule", "Parts", "Perf"]

@@ -1,0 +1,122 @@
+"""Skip and resume (``resume=auto``): a job with complete results is skipped, an interrupted one continues
+from ``checkpoints/last.ckpt``; a fingerprint of the job's config, stored beside its results, makes sure a
+folder is only ever reused by the config that made it. Called at the start of every run (:mod:`kdx.run`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from kdx.config import resolved
+from kdx.dist import is_rank_zero
+from kdx.errors import ConfigError
+from kdx.io import atomic_write_json, flatten
+from kdx.sweep.folders import check_resume, excluded
+
+log = logging.getLogger("kdx")
+
+FINGERPRINT_FILE = "config_fingerprint.json"
+# Keys that may differ between two runs of the same experiment: where things are, how progress is shown,
+# where it is logged, and how the run was started. Everything else must match for a folder to be reused.
+FINGERPRINT_EXCLUDE = (
+    "paths", "ckpt_path", "resume", "sweep_name", "callbacks.progress_bar", "logger", "hydra",
+    "trainer.enable_progress_bar", "data.root", "data.npz_path", "data.cache_dir",
+)
+
+
+def fingerprint_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config without the keys in :data:`FINGERPRINT_EXCLUDE`, as a flat ``{dotted key: value}``."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(resolved(cfg), resolve=True)
+    else:
+        container = dict(cfg)
+    flat = {k: v for k, v in sorted(flatten(container).items()) if not excluded(k, FINGERPRINT_EXCLUDE)}
+    return json.loads(json.dumps(flat, default=str))  # as it reads back from the file (lists, str for odd types)
+
+
+def fingerprint_digest(flat: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 12) -> list[str]:
+    missing = object()
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
+            diffs.append(f"{key}: {show(a)} → {show(b)}")
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+    return diffs
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _stored_fingerprint(out: Path) -> Optional[dict[str, Any]]:
+    """The folder's fingerprint file, or one computed from the config recorded in its results.json."""
+    stored = _read_json(out / FINGERPRINT_FILE)
+    if stored and "config" in stored:
+        return stored["config"]
+    results = _read_json(out / "results.json")
+    if results and isinstance(results.get("config"), dict):
+        return fingerprint_config(results["config"])
+    return None
+
+
+def prepare_job(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The resume/skip step before anything is built.
+
+    Always: check ``resume=``, write the config fingerprint into the job folder (rank 0), after checking that
+    a folder which already holds a run (resume=auto) was made by the same config. With ``resume=auto``:
+    complete ``results.json`` → return it (the caller skips the job); else ``checkpoints/last.ckpt`` and no
+    ``ckpt_path`` → set ``cfg.ckpt_path`` to it (the results record it as ``resumed_from``).
+    """
+    mode = check_resume(cfg.get("resume", "never"))
+    out = Path(str(cfg.paths.output_dir))
+    flat = fingerprint_config(cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    results_path = out / "results.json"
+    if mode == "auto" and (results_path.is_file() or last.is_file() or (out / FINGERPRINT_FILE).is_file()):
+        old = _stored_fingerprint(out)
+        if old is None:
+            raise ConfigError(
+                f"resume=auto: the job folder {out} holds a run (checkpoints or results) but no record of its config "
+                f"({FINGERPRINT_FILE} or the config in results.json), so kdx cannot tell whether it is this experiment. "
+                "Name another folder with sweep_name=<new name> (or hydra.run.dir=...), or delete the folder to start "
+                "it again."
+            )
+        if fingerprint_digest(old) != fingerprint_digest(flat):
+            diffs = "\n  ".join(_differences(old, flat))
+            raise ConfigError(
+                f"resume=auto: the job folder {out} holds a run of a different config, so it is neither reused nor "
+                f"overwritten. Differences (folder → this run):\n  {diffs}\n"
+                "Give this experiment its own folder with sweep_name=<new name>, or delete the folder to run it again "
+                "with the new config (resume=never writes to a new timestamped folder instead)."
+            )
+        results = _read_json(results_path)
+        if results and results.get("status") == "complete":
+            log.info("skipping: complete results in %s (resume=auto)", results_path)
+            return results
+        if last.is_file() and not cfg.get("ckpt_path"):
+            log.info("resuming from %s (resume=auto)", last)
+            with read_write(cfg), open_dict(cfg):
+                cfg.ckpt_path = str(last)
+    if is_rank_zero():
+        record = {"sha256": fingerprint_digest(flat), "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                  "excluded": list(FINGERPRINT_EXCLUDE), "config": flat}
+        if mode == "never" or _read_json(out / FINGERPRINT_FILE) is None:
+            atomic_write_json(out / FINGERPRINT_FILE, record)
+    return None
+
