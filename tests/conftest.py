@@ -28,19 +28,19 @@ TINY = [
     "data.test_size=64",
     "data.batch_size=32",
     "model=resnet8",
-    "model@teacher.model=resnet8",
+    "teacher_arch=resnet8",
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
     "logger=none",
     "progress_bar=none",
-    "teacher.train.max_epochs=1",
 ]
 
 
-def compose_cfg(overrides: list[str], tmp_path: Path, name: str = "run"):
-    """The composed config as `python -m kdx <overrides>` sees it, writing under tmp_path."""
+def compose_cfg(overrides: list[str], tmp_path: Path, name: str = "run", teachers: Path | None = None):
+    """The composed config as `python -m kdx <overrides>` sees it, writing under tmp_path (its teacher store:
+    ``tmp_path/teachers``, or ``teachers``)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -52,9 +52,27 @@ def compose_cfg(overrides: list[str], tmp_path: Path, name: str = "run"):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
-        cfg.paths.teachers = str(tmp_path / "teachers")
+        cfg.paths.teachers = str(teachers or tmp_path / "teachers")
         cfg.paths.root_dir = str(ROOT)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def teacher_store(tmp_path_factory) -> Path:
+    """One teacher store for the whole test run, holding the tiny job's resnet8 teacher (trained once, one epoch on
+    the synthetic data): tests that need *a* teacher use it (``teachers=`` of :func:`compose_cfg`, or
+    ``teacher.ckpt=`` with :func:`teacher_ckpt`) instead of training their own."""
+    from kdx.run import run
+
+    tmp = tmp_path_factory.mktemp("session_teacher")
+    run(compose_cfg(TINY + ["task=train"], tmp, name="teacher_run"))
+    return tmp / "teachers"
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(teacher_store) -> Path:
+    """The shared resnet8 teacher's weights (``teacher.ckpt=<this>``)."""
+    return teacher_store / "synthetic" / "resnet8" / "teacher.pt"
 
 
 @pytest.fixture
@@ -79,3 +97,13 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "kdx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def distill_module(student, strategy, optimizer, datamodule, num_classes, teacher=None, tmp_path: Path = ROOT):
+    """A :class:`kdx.regimes.distill.DistillModule` built from its parts (what the composition root does)."""
+    from kdx.regimes.base import Parts, Perf
+    from kdx.regimes.distill import DistillModule
+    from kdx.regimes.step import StepParts
+
+    parts = Parts(StepParts(student, strategy, teacher), optimizer, None, datamodule, num_classes, Perf(), tmp_path, 0)
+    return DistillModule(parts)

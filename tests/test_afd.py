@@ -13,7 +13,7 @@ from conftest import TINY, compose_cfg, run_cli
 from kdx.config import validate
 from kdx.distill.afd import AFD, value_diffs
 from kdx.distill.rtk import RTK, keep_top_k, resolve_top_k
-from kdx.runner import build
+from kdx.run import build_job as build
 
 T_SHAPES = [(3, 4, 4), (5, 2, 2)]
 S_SHAPES = [(2, 4, 4), (3, 2, 2), (2, 1, 1)]  # the last student map is smaller than both teacher maps
@@ -253,8 +253,7 @@ def test_afd_term_matches_module_on_captured_features(tmp_path):
 
     strategy.loss_terms = spy
     module.log = lambda *a, **k: None
-    module._stop_if_not_finite = lambda *a, **k: None
-    module._train_loss_sum = torch.zeros(())
+    module.stop_if_not_finite = lambda *a, **k: None
     object.__setattr__(module, "_trainer", None)
     with torch.no_grad():
         module.training_step((x, y, idx), 0)
@@ -276,13 +275,12 @@ def _tap(net, name, x):
     return out["v"]
 
 
-def test_afd_resume_is_exact(tmp_path):
+def test_afd_resume_is_exact(tmp_path, teacher_ckpt):
     """The attention module is rebuilt before the checkpoint loads: resuming equals an uninterrupted run."""
-    from kdx.runner import run
+    from kdx.run import run
 
-    common = TINY + ["distill=afd", "trainer.deterministic=true", "scheduler.milestones=[1]", "seed=5"]
-    run(compose_cfg(common + ["task=train"], tmp_path, name="teacher_run"))
-    common += [f"teacher.ckpt={tmp_path / 'teacher_run' / 'teacher.pt'}"]
+    common = TINY + ["distill=afd", "trainer.deterministic=true", "scheduler.milestones=[1]", "seed=5",
+                     f"teacher.ckpt={teacher_ckpt}"]
     run(compose_cfg(common + ["trainer.max_epochs=2"], tmp_path, name="straight"))
     run(compose_cfg(common + ["trainer.max_epochs=1"], tmp_path, name="part"))
     last = tmp_path / "part" / "checkpoints" / "last.ckpt"
@@ -297,7 +295,8 @@ def test_afd_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("pair", ["wrn40_2_wrn16_2", "res32x4_res8x4"])
 @pytest.mark.parametrize("method", ["afd", "rtk"])
 def test_experiment_recipes_compose(tmp_path, method, pair):
-    cfg = compose_cfg([f"experiment=cifar100/{method}/{pair}"], tmp_path)
+    """The pair's paper protocol (the DKD table's experiment) with the method's own recipe (its config defaults)."""
+    cfg = compose_cfg([f"experiment=cifar100/dkd/{pair}", f"distill={method}"], tmp_path)
     validate(cfg)
     assert cfg.distill.beta == 200.0 and cfg.distill.qk_dim == 128 and cfg.distill.w_kd == 0.9
     assert cfg.distill.w_ce == 1.0 and cfg.distill.temperature == 4.0

@@ -1,4 +1,4 @@
-"""Teacher-logit cache (``teacher.cache=exact|augmented``): exactness, views, invalidation, refusals, runs."""
+"""Teacher-logit cache (``teacher_cache=exact|augmented``): exactness, views, invalidation, refusals, runs."""
 from __future__ import annotations
 
 import json
@@ -15,16 +15,16 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from kdx.config import ConfigError
+from conftest import compose_cfg, distill_module
+from kdx.errors import ConfigError
 from kdx.data.augment import draw_view, view_params
-from kdx.data.base import ArrayDataModule, SplitArrays
+from kdx.data.arrays import ArrayDataModule
+from kdx.data.datasets import SplitArrays
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.distill.base import Strategy
 from kdx.models import create_model
-from kdx.module import DistillModule
-from kdx.runner import build
-from kdx.teachers.cache import COMPLETE, FILLED, KEY, CachedTeacher, CacheSettings, cache_settings
+from kdx.run import build_job as build
+from kdx.teachers.cache import COMPLETE, FILLED, KEY, CachedTeacher, CacheSettings
 from kdx.teachers.network import NetworkTeacher
 
 
@@ -68,7 +68,7 @@ def _ckpt(path: Path, seed: int = 0) -> Path:
 
 
 def _teacher(ckpt: Path) -> NetworkTeacher:
-    return NetworkTeacher(create_model("resnet8", num_classes=10), ckpt=str(ckpt), arch="resnet8")
+    return NetworkTeacher(create_model("resnet8", num_classes=10), ckpt=str(ckpt), meta={"arch": "resnet8"})
 
 
 def _synthetic(**kw) -> SyntheticDataModule:
@@ -78,7 +78,7 @@ def _synthetic(**kw) -> SyntheticDataModule:
 
 
 def _cached(tmp_path, dm, ckpt, mode="exact", views=1, precision="32-true", dtype="auto") -> CachedTeacher:
-    return CachedTeacher(_teacher(ckpt), CacheSettings(mode, views, tmp_path / "cache", dtype), dm, "synthetic", precision)
+    return CachedTeacher(_teacher(ckpt), CacheSettings(mode, views, dtype, str(tmp_path / "cache")), dm, "synthetic", precision)
 
 
 def _live_rows(teacher, dm, trainer, idx: torch.Tensor, view: int | None = None) -> torch.Tensor:
@@ -251,12 +251,12 @@ def test_augmented_student_sees_the_view_whose_logits_the_teacher_gave(tmp_path)
     dm = Patterned(n=n, batch_size=8, pad=pad, seed=5)
     dm.setup()
     torch.save(Decoder(pad).state_dict(), tmp_path / "decoder.pt")
-    teacher = NetworkTeacher(Decoder(pad), ckpt=str(tmp_path / "decoder.pt"), arch="decoder")
-    cached = CachedTeacher(teacher, CacheSettings("augmented", views, tmp_path / "cache", "auto"), dm, "patterned")
+    teacher = NetworkTeacher(Decoder(pad), ckpt=str(tmp_path / "decoder.pt"), meta={"arch": "decoder"})
+    cached = CachedTeacher(teacher, CacheSettings("augmented", views, "auto", str(tmp_path / "cache")), dm, "patterned")
     assert dm.views == views  # the datamodule now draws its crops from the stored views
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5))
     recorder = Recorder()
-    module = DistillModule(student, recorder, partial(torch.optim.SGD, lr=0.01), None, 5, teacher=cached)
+    module = distill_module(student, recorder, partial(torch.optim.SGD, lr=0.01), dm, 5, teacher=cached)
     trainer = Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
@@ -279,11 +279,11 @@ def test_augmented_student_sees_the_view_whose_logits_the_teacher_gave(tmp_path)
 
 # ------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("overrides, match", [
-    (["distill=afd", "teacher.cache=exact", "data.augment=false"], "intermediate features.*teacher.cache=off"),
-    (["distill=rtk", "teacher.cache=augmented"], "intermediate features.*teacher.cache=off"),
-    (["teacher.cache=exact"], "data.augment=false.*teacher.cache=augmented"),
-    (["teacher.cache=sometimes"], "not one of off, exact, augmented"),
-    (["teacher.cache=augmented", "teacher.cache_views=0"], "teacher.cache_views=0"),
+    (["distill=afd", "teacher_cache=exact", "data.augment=false"], "intermediate features.*teacher_cache=off"),
+    (["distill=rtk", "teacher_cache=augmented"], "intermediate features.*teacher_cache=off"),
+    (["teacher_cache=exact"], "data.augment=false.*teacher_cache=augmented"),
+    (["teacher_cache=exact", "teacher_cache.mode=sometimes", "data.augment=false"], "not one of off, exact, augmented"),
+    (["teacher_cache=augmented", "teacher_cache.views=0"], "teacher_cache.views=0"),
 ])
 def test_unsupported_settings_stop_at_build_naming_the_setting(tmp_path, tiny, overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -292,18 +292,19 @@ def test_unsupported_settings_stop_at_build_naming_the_setting(tmp_path, tiny, o
 
 
 def test_table_and_data_free_teachers_refuse_the_cache():
+    from kdx.datafree.nayer import NAYER
+    from kdx.distill.kd import KD
+    from kdx.teachers.network import NetworkTeacherSource
+    from kdx.teachers.reffakd import ReffAKDSource
+
     dm = _synthetic(augment=False)
-    kd = type("KD", (), {"needs_teacher": True})()
-    cfg = OmegaConf.create({"method": "dkd@reffakd", "paths": {"cache_dir": "/tmp"},
-                            "teacher": {"_target_": "kdx.teachers.reffakd.ReffAKDTeacher", "cache": "exact"}})
-    with pytest.raises(ConfigError, match="table of soft labels.*teacher.cache=off"):
-        cache_settings(cfg, kd, dm)
-    nayer = type("NAYER", (), {"needs_teacher": True, "data_free": True})()
-    cfg.teacher._target_ = "kdx.teachers.network.NetworkTeacher"
-    with pytest.raises(ConfigError, match="data-free.*teacher.cache=off"):
-        cache_settings(cfg, nayer, dm)
-    cfg.teacher.cache = False  # a bare `off` in a YAML file reads as false
-    assert cache_settings(cfg, kd, dm) is None
+    exact = CacheSettings("exact", dir="/tmp")
+    with pytest.raises(ConfigError, match="table of soft labels.*teacher_cache=off"):
+        exact.checked(KD(), ReffAKDSource, dm, "distill")
+    with pytest.raises(ConfigError, match="datafree regime.*teacher_cache=off"):
+        exact.checked(NAYER(KD(), lte=None), NetworkTeacherSource, dm, "datafree")
+    assert exact.checked(KD(), NetworkTeacherSource, dm, "distill") is exact
+    assert CacheSettings(False).checked(KD(), NetworkTeacherSource, dm, "distill") is None  # YAML's bare `off`
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -331,7 +332,7 @@ class TeacherCalls(Callback):
 
 def _fit(tmp_path, tiny, overrides, name, epochs: int = 2):
     """A tiny KD job (64 training samples, 2 steps an epoch) through the real config, fitted; calls and losses seen."""
-    small = ["data.train_size=64", f"trainer.max_epochs={epochs}", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    small = ["data.train_size=64", f"trainer.max_epochs={epochs}", f"paths.cache_dir={tmp_path / 'cache'}"]
     job = build(compose_cfg(tiny + small + overrides, tmp_path, name=name))
     teacher = job.module.teacher
     counter = TeacherCalls(getattr(teacher, "live", teacher).net)
@@ -346,12 +347,12 @@ def _fit(tmp_path, tiny, overrides, name, epochs: int = 2):
 
 @pytest.mark.parametrize("mode, extra", [
     ("exact", ["data.augment=false"]),
-    ("augmented", ["teacher.cache_views=2", "data.on_device=true"]),
+    ("augmented", ["teacher_cache.views=2", "data.on_device=true"]),
 ])
 def test_kd_run_through_the_config_reads_the_cache_and_still_measures_the_teacher(tmp_path, tiny, mode, extra):
     ckpt = _ckpt(tmp_path / "teacher.pt")  # no sidecar: the teacher's accuracy is measured in the run
     common = ["distill=kd", f"teacher.ckpt={ckpt}", *extra]
-    job, calls, seen = _fit(tmp_path, tiny, common + [f"teacher.cache={mode}"], "cold")
+    job, calls, seen = _fit(tmp_path, tiny, common + [f"teacher_cache={mode}"], "cold")
     # the pre-pass (and the teacher's accuracy, measured once on the test split): no training step ran the teacher
     assert set(calls) == {"setup", "val"} and calls["val"] == 1
     rows = 64 * (2 if mode == "augmented" else 1)
@@ -370,7 +371,7 @@ def test_kd_run_through_the_config_reads_the_cache_and_still_measures_the_teache
 
 def test_every_logit_method_runs_on_the_cache(tmp_path, tiny):
     ckpt = _ckpt(tmp_path / "teacher.pt")
-    common = [f"teacher.ckpt={ckpt}", "data.augment=false", "teacher.cache=exact", "trainer.limit_val_batches=0",
+    common = [f"teacher.ckpt={ckpt}", "data.augment=false", "teacher_cache=exact", "trainer.limit_val_batches=0",
               "trainer.limit_train_batches=1"]
     for i, method in enumerate([["distill=kd_crd"], ["distill=dkd"], ["distill=topkd"],
                                 ["distill=kd", "distill/teacher_transform=topk_scale"]]):
@@ -392,8 +393,8 @@ def test_ddp_cpu_two_ranks_fill_one_cache_then_read_it(tmp_path):
 
     ckpt = _ckpt(tmp_path / "teacher.pt")
     base = [a for a in TINY if not a.startswith("logger")] + [
-        "trainer=ddp_cpu", "distill=kd", "logger=csv", f"teacher.ckpt={ckpt}", "teacher.cache=augmented",
-        "teacher.cache_views=2", f"teacher.cache_dir={tmp_path / 'cache'}", "data.on_device=true",
+        "trainer=ddp_cpu", "distill=kd", "logger=csv", f"teacher.ckpt={ckpt}", "teacher_cache=augmented",
+        "teacher_cache.views=2", f"teacher_cache.dir={tmp_path / 'cache'}", "data.on_device=true",
         "trainer.max_epochs=2",
     ]
     for name, computed in (("cold", 256), ("warm", 0)):

@@ -8,7 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
-from kdx.config import ConfigError, resolved, validate
+from kdx.config import resolved, validate
+from kdx.errors import ConfigError
 
 CONF = ROOT / "conf"
 GROUP = lambda g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))  # noqa: E731
@@ -29,7 +30,7 @@ def test_every_data_x_distill_composes(tmp_path, data, distill):
 
 @pytest.mark.parametrize("model", GROUP("model"))
 def test_every_model_composes_as_student_and_teacher(tmp_path, model):
-    cfg = check(compose_cfg([f"model={model}", f"model@teacher.model={model}"], tmp_path))
+    cfg = check(compose_cfg([f"model={model}", f"teacher_arch={model}"], tmp_path))
     assert cfg.model.name == cfg.teacher.model.name
     assert cfg.model._target_ == "kdx.models.create_model"
 
@@ -49,7 +50,7 @@ def test_every_experiment_composes(tmp_path, experiment):
 def test_dkd_pair_recipe_sets_beta_and_lr(tmp_path):
     cfg = check(compose_cfg(["experiment=cifar100/dkd/res32x4_shuv1"], tmp_path))
     assert (cfg.model.name, cfg.teacher.model.name) == ("ShuffleV1", "resnet32x4")
-    assert cfg.distill.beta == 8.0 and cfg.optim.lr == 0.01 and cfg.teacher.train.lr == 0.05
+    assert cfg.distill.beta == 8.0 and cfg.optim.lr == 0.01 and cfg.teacher.train.optim.lr == 0.05
     cfg = check(compose_cfg(["experiment=cifar100/dkd/res56_res20"], tmp_path))
     assert cfg.distill.beta == 2.0 and cfg.optim.lr == 0.05
     assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.trainer.max_epochs == 240
@@ -101,18 +102,8 @@ def test_unknown_top_level_key_and_task_fail(tmp_path):
         validate(compose_cfg(["task=pretrain"], tmp_path))
 
 
-def test_sweep_output_dir_layout():
-    """The folder rules go through kdx.sweep's resolvers (their results: tests/test_sweeps.py)."""
-    hydra_cfg = OmegaConf.load(CONF / "hydra" / "default.yaml")
-    raw = OmegaConf.to_container(hydra_cfg, resolve=False)
-    assert raw["sweep"]["dir"].startswith("${kdx_sweep_dir:${resume},${sweep_name},")
-    assert "${now:%Y-%m-%d}/${now:%H-%M-%S}" in raw["sweep"]["dir"]  # resume=never: named by the clock
-    assert raw["sweep"]["subdir"].startswith("${kdx_job_subdir:${resume},${hydra.job.num},")
-    assert raw["run"]["dir"].startswith("${kdx_run_dir:${resume},${sweep_name},")
-
-
 def test_path_safe_folder_names():
-    from kdx.config import path_safe
+    from kdx.sweep.folders import path_safe
 
     assert path_safe("distill/teacher_transform=topk_scale,distill=kd") == "distill.teacher_transform=topk_scale,distill=kd"
     long = path_safe("x" * 400)
@@ -152,9 +143,9 @@ def test_method_label_names_transform_and_table_teacher(tmp_path, overrides, lab
     assert cfg.method == label
 
 
-def test_sweep_summary_lists_student_runs_only(tmp_path):
+def test_sweep_report_lists_student_runs_only(tmp_path):
     """A ReffAKD stage-A record inside a job folder is an artifact, not a run; a job without results is missing."""
-    from kdx.summary import collect
+    from kdx.report import scan
 
     run_rec = {"status": "complete", "task": "distill", "method": "reffakd", "dataset": "d", "student": "s",
                "test_acc1_best": 50.0, "test_acc1_last": 49.0}  # (a record without any test accuracy is a failure)
@@ -162,5 +153,5 @@ def test_sweep_summary_lists_student_runs_only(tmp_path):
     (tmp_path / "0_job" / "results.json").write_text(json.dumps(run_rec))
     (tmp_path / "0_job" / "reffakd_ae" / "results.json").write_text(json.dumps({"status": "complete", "task": "reffakd_ae"}))
     (tmp_path / "1_job" / ".hydra").mkdir(parents=True)
-    done, missing = collect([tmp_path])
-    assert done == [run_rec] and missing == [str(tmp_path / "1_job")]
+    done, missing = scan([tmp_path])
+    assert [r.data for r in done] == [run_rec] and [u.folder for u in missing] == [tmp_path / "1_job"]

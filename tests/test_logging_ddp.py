@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import TINY, compose_cfg, run_cli
-from kdx.callbacks import LoggerStartError
-from kdx.runner import build, run
+from kdx.errors import LoggerStartError
+from kdx.run import build_job as build, run
 
 
 def test_wandb_offline_writes_a_syncable_run_with_names(tmp_path, tiny, monkeypatch):

@@ -18,7 +18,7 @@ from kdx.datafree.bank import MemoryBank
 from kdx.datafree.losses import adversarial_loss, batch_moments, bn_statistics_loss, onehot_ce
 from kdx.datafree.lte import ClipTable, ClipText, SentenceTransformerText, prompt_texts
 from kdx.datafree.nayer import NAYER, BNStatHooks, NLGenerator, synthesis_targets
-from kdx.runner import build, run
+from kdx.run import build_job as build, run
 
 # ---------------------------------------------------------------------------------------- generator
 
@@ -184,23 +184,23 @@ def test_bank_cap_fifo_rounding_and_state(tmp_path):
     clone = MemoryBank((1, 2, 2), max_images=5)
     clone.load_state_dict(bank.state_dict())
     assert torch.equal(clone.get(torch.arange(5))[0], x) and len(clone) == 5
-    disk = MemoryBank((1, 2, 2), max_images=4, path=str(tmp_path / "b.bin"))
+    disk = MemoryBank((1, 2, 2), max_images=4, path=str(tmp_path), rank=1)  # a folder: one file per rank
     disk.add(torch.rand(3, 1, 2, 2), torch.tensor([1, 2, 3]))
-    again = MemoryBank((1, 2, 2), max_images=4, path=str(tmp_path / "b.bin"))
+    again = MemoryBank((1, 2, 2), max_images=4, path=str(tmp_path), rank=1)
     again.load_state_dict(disk.state_dict())
     assert torch.equal(again.get(torch.tensor([2, 0]))[0], disk.get(torch.tensor([2, 0]))[0])
-    assert (tmp_path / "b.bin").stat().st_size == 4 * 4
-    with pytest.raises(ValueError, match="distill.bank.dtype"):
+    assert (tmp_path / "bank_rank1.bin").stat().st_size == 4 * 4
+    with pytest.raises(ValueError, match="module.bank.dtype"):
         MemoryBank((1, 2, 2), dtype="int8")
 
 
 def test_schedule_and_bank_budget_of_the_official_runs():
-    s = NAYER(loss=None, lte=None, optim=None)
-    assert [e for e in range(45) if s.rebuild_due(e)] == [0, 10, 20, 30, 40]
-    assert (s.loops(19), s.loops(20), s.distills(19), s.distills(20)) == (10, 2, False, True)
-    assert s.units(0) == 400 and s.units(20) == 2 * 40 + 400
+    s, warmup = NAYER(loss=None, lte=None), 20  # the official values: the distill=nayer and module=datafree defaults
+    assert [e for e in range(45) if s.rebuild_due(e, warmup)] == [0, 10, 20, 30, 40]
+    assert (s.loops(19, warmup), s.loops(20, warmup)) == (10, 2)
+    assert s.synthesis_units(0, warmup) == 400 and s.synthesis_units(20, warmup) == 2 * 40
     # what a full CIFAR-100 run adds to the bank (README): (20·10 + (E − 20)·2) · 400 images
-    assert [s.bank_images(e) for e in (120, 220, 320)] == [160_000, 240_000, 320_000]
+    assert [sum(s.images_per_epoch(e, warmup) for e in range(n)) for n in (120, 220, 320)] == [160_000, 240_000, 320_000]
 
 
 # ---------------------------------------------------------------------------------------- label-text embeddings
@@ -251,18 +251,17 @@ def test_clip_encoder_offline_fails_with_a_clear_message(monkeypatch):
 # ---------------------------------------------------------------------------------------- end to end
 
 NAYER_TINY = [
-    "distill=nayer", "trainer.max_epochs=3", "distill.warmup=1", "distill.g_steps=2", "distill.gwp_loops=2",
-    "distill.g_loops=1", "distill.kd_steps=3", "distill.synthesis_batch_size=24", "distill.batch_size=16",
+    "distill=nayer", "trainer.max_epochs=3", "module.warmup=1", "distill.g_steps=2", "distill.gwp_loops=2",
+    "distill.g_loops=1", "module.kd_steps=3", "distill.synthesis_batch_size=24", "module.batch_size=16",
     "distill.lte.table=cifar10", "distill.lte.check_names=false", "distill.le_emb_size=16", "distill.ngf=8",
-    "distill.grid_per_class=2",
+    "module.grid_per_class=2",
 ]
 
 
 @pytest.fixture
-def stored_teacher(tmp_path):
-    """A resnet8 teacher trained for one epoch on the synthetic data (task=train registers it)."""
-    run(compose_cfg(TINY + ["task=train"], tmp_path, name="teacher_run"))
-    return tmp_path / "teacher_run" / "teacher.pt"
+def stored_teacher(teacher_ckpt):
+    """The session's resnet8 teacher (trained once for the whole test run, conftest.teacher_store)."""
+    return teacher_ckpt
 
 
 def test_nayer_end_to_end_student_never_sees_real_data(tmp_path, stored_teacher, monkeypatch):
@@ -272,10 +271,10 @@ def test_nayer_end_to_end_student_never_sees_real_data(tmp_path, stored_teacher,
         raise AssertionError("the data-free run asked for the real training loader")
 
     monkeypatch.setattr(BaseDataModule, "train_dataloader", no_training_data)
-    cfg = compose_cfg(TINY + NAYER_TINY + [f"teacher.ckpt={stored_teacher}", "distill.bank.max_images=60"], tmp_path)
+    cfg = compose_cfg(TINY + NAYER_TINY + [f"teacher.ckpt={stored_teacher}", "module.bank.max_images=60"], tmp_path)
     job = build(cfg)
     module = job.module
-    real = job.datamodule.inner.train_dataset.x.float()  # uint8 [N, C, H, W] real training images
+    real = job.datamodule.train_dataset.x.float()  # uint8 [N, C, H, W] real training images
     fed = []
     module.student.register_forward_pre_hook(lambda m, inp: fed.append(inp[0].detach().clone()) if m.training else None)
     bank_sizes = []
@@ -285,7 +284,7 @@ def test_nayer_end_to_end_student_never_sees_real_data(tmp_path, stored_teacher,
             bank_sizes.append(len(pl_module.bank))
 
     job.trainer.callbacks.append(Probe())
-    job.trainer.fit(module, datamodule=job.datamodule)
+    job.trainer.fit(module, datamodule=module.fit_datamodule())
     # bank: 2 loops × 24 in the warm-up epoch, then 1 loop × 24 per epoch, capped at 60 (oldest replaced)
     assert bank_sizes == [48, 60, 60] and module.bank.added == 96
     # the student trained only on bank batches: kd_steps × 2 distillation epochs, 16 images each
@@ -299,7 +298,7 @@ def test_nayer_end_to_end_student_never_sees_real_data(tmp_path, stored_teacher,
         assert float(d.min()) > 2.0
     # generator, bank and momentum statistics are checkpoint state
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["nayer"]["bank"]["count"] == 60 and ckpt["nayer"]["bn_mmt"][0] is not None
+    assert ckpt["datafree"]["bank"]["count"] == 60 and ckpt["datafree"]["synthesis"]["bn_mmt"][0] is not None
     assert not any(k.startswith("generator") for k in ckpt["state_dict"])
     assert all(not p.requires_grad for p in module.teacher.parameters())
 
@@ -309,12 +308,12 @@ def test_nayer_run_writes_results_grids_and_resumes(tmp_path, stored_teacher):
     res = run(compose_cfg(args, tmp_path))
     out = tmp_path / "run"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["method"] == "nayer" and saved["epochs_done"] == 3 and saved["data"]["training_images_used"] == 0
-    nay = saved["nayer"]
+    assert saved["method"] == "nayer" and saved["epochs_done"] == 3 and saved["datafree"]["training_images_used"] == 0
+    nay = saved["datafree"]
     assert nay["bank"]["images"] == 96 == nay["bank_images_full_run"] and nay["bank"]["bytes"] == 96 * 3 * 32 * 32
     assert res["test_acc1_last"] is not None and len(saved["history"]) == 3
-    grids = sorted((out / "nayer").glob("synthetic_epoch*.png"))
-    assert [g.name for g in grids] == [f"synthetic_epoch{e:03d}.png" for e in (1, 2, 3)]
+    grids = sorted((out / "synthetic").glob("epoch*.png"))
+    assert [g.name for g in grids] == [f"epoch{e:03d}.png" for e in (1, 2, 3)]
     from PIL import Image
 
     assert Image.open(grids[0]).size == (2 * 33 + 1, 10 * 33 + 1)  # 10 class rows × 2 images
@@ -323,7 +322,7 @@ def test_nayer_run_writes_results_grids_and_resumes(tmp_path, stored_teacher):
     # resume from the last checkpoint for one more epoch: the bank continues from its saved state
     more = run(compose_cfg(args + [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=4"],
                            tmp_path, name="resumed"))
-    assert more["epochs_done"] == 4 and more["nayer"]["bank"]["images"] == 96 + 24
+    assert more["epochs_done"] == 4 and more["datafree"]["bank"]["images"] == 96 + 24
 
 
 def test_nayer_needs_a_table_or_encoder_for_unknown_datasets(tmp_path, stored_teacher):
@@ -356,4 +355,4 @@ def test_nayer_under_ddp_cpu(tmp_path, stored_teacher):
     proc = run_cli(args, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["status"] == "complete" and res["nayer"]["bank"]["images"] == 96
+    assert res["status"] == "complete" and res["datafree"]["bank"]["images"] == 96

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from conftest import compose_cfg
-from kdx.data.base import DeviceBatches
+from kdx.data.datasets import DeviceBatches
 from kdx.data.sampler import EpochBatchSampler
 from kdx.data.synthetic import SyntheticDataModule
-from kdx.runner import run
+from kdx.run import run
 
 
 

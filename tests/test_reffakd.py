@@ -8,26 +8,27 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, compose_cfg
-from kdx.config import ConfigError, validate
+from kdx.config import validate
+from kdx.errors import ConfigError
 from kdx.distill.base import Batch, ModelOutput
 from kdx.distill.losses import reffakd_loss, reffakd_terms
 from kdx.distill.reffakd import ReffAKD
-from kdx.io import CheckpointError, atomic_torch_save, atomic_write_json, sha256_file
-from kdx.runner import run
-from kdx.teachers.reffakd import ReffAKDTeacher, class_similarity, soft_labels
-from kdx.teachers.reffakd_ae import (
+from kdx.errors import CheckpointError
+from kdx.io import atomic_torch_save, atomic_write_json, sha256_file
+from kdx.run import run
+from kdx.teachers.reffakd import ReffAKDTeacher
+from kdx.teachers.reffakd_stage_a import (
     ReffAE,
-    ae_settings,
-    artifact_name,
     num_params,
     rotate,
     rotation_degrees,
     save_heatmap,
     select_per_class,
 )
+from kdx.teachers.reffakd_table import AESettings, artifact_name, class_similarity, soft_labels
 
-# the tiny synthetic job without the network teacher's overrides (the table teacher has no model)
-BASE = [o for o in TINY if not o.startswith(("model@teacher", "teacher.train"))]
+# the tiny synthetic job (its teacher_arch is the network teacher's, which a table teacher does not have)
+BASE = list(TINY)
 AE = ["teacher.ae.epochs=2", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=4"]
 
 
@@ -198,25 +199,28 @@ def test_heatmap_png(tmp_path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_artifact_key_follows_the_settings():
-    base = ae_settings({})
-    assert base["epochs"] == 200 and base["milestones"] == [60, 120, 160] and base["samples_per_class"] == 40
-    assert artifact_name(ae_settings({"eval_batch_size": 7})) == artifact_name(base)  # not part of the key
-    assert artifact_name(ae_settings({"epochs": 3})) != artifact_name(base)
-    with pytest.raises(ValueError, match="teacher.ae"):
-        ae_settings({"epoch": 3})
+def test_artifact_key_follows_the_settings(tmp_path):
+    base = AESettings()
+    assert base.epochs == 200 and base.milestones == [60, 120, 160] and base.samples_per_class == 40
+    assert artifact_name(AESettings(eval_batch_size=7)) == artifact_name(base)  # not part of the key
+    assert artifact_name(AESettings(epochs=3)) != artifact_name(base)
+    with pytest.raises(ConfigError, match="teacher.ae.epochs"):
+        AESettings(epochs=0)
+    with pytest.raises(ConfigError, match="Did you mean 'teacher.ae.epochs'"):  # a misspelt key stops at start-up
+        validate(compose_cfg(BASE + ["distill=reffakd", "+teacher.ae.epoch=3"], tmp_path))
 
 
 def test_teacher_temperature_follows_the_loss(tmp_path):
     assert compose_cfg(BASE + ["distill=reffakd"], tmp_path).teacher.temperature == 5.0
     cfg = compose_cfg(BASE + ["distill=dkd", "teacher=reffakd"], tmp_path)
-    assert cfg.teacher._target_.endswith("ReffAKDTeacher") and cfg.teacher.temperature == 4.0
-    assert compose_cfg(BASE + ["distill=reffakd", "teacher=net"], tmp_path).teacher._target_.endswith("NetworkTeacher")
+    assert cfg.teacher._target_.endswith("ReffAKDSource") and cfg.teacher.temperature == 4.0
+    net = compose_cfg(BASE + ["distill=reffakd", "teacher=net"], tmp_path)
+    assert net.teacher._target_.endswith("NetworkTeacherSource")
     from kdx.config import validate
 
     recipe = compose_cfg(["experiment=cifar100/reffakd/resnet18"], tmp_path)
     validate(recipe)
-    assert recipe.teacher._target_.endswith("ReffAKDTeacher") and recipe.distill._target_.endswith("ReffAKD")
+    assert recipe.teacher._target_.endswith("ReffAKDSource") and recipe.distill._target_.endswith("ReffAKD")
     assert (recipe.model.name, recipe.optim.lr, recipe.data.batch_size, recipe.trainer.max_epochs) == ("ResNet18", 0.1, 128, 200)
     assert list(recipe.scheduler.milestones) == [60, 120, 160] and recipe.scheduler.gamma == 0.2
 
@@ -227,8 +231,8 @@ def test_teacher_temperature_follows_the_loss(tmp_path):
 def test_stage_a_then_stage_b(tmp_path, caplog):
     a = run(compose_cfg(BASE + ["task=reffakd_ae", "teacher=reffakd", "logger=wandb"] + AE, tmp_path, "stage_a"))
     d = Path(a["artifact"])
-    assert d.parent == tmp_path / "teachers" / "synthetic" and d.name == artifact_name(ae_settings(
-        {"epochs": 2, "milestones": [1], "samples_per_class": 4}))
+    assert d.parent == tmp_path / "teachers" / "synthetic" and d.name == artifact_name(AESettings(
+        epochs=2, milestones=[1], samples_per_class=4))
     for f in ("ae.pt", "table.pt", "reffakd.json", "similarity.png"):
         assert (d / f).is_file(), f
     assert (tmp_path / "stage_a" / "similarity.png").is_file()
@@ -255,10 +259,7 @@ def test_stage_a_then_stage_b(tmp_path, caplog):
 
 
 def test_missing_table_runs_stage_a_first_under_dkd(tmp_path, caplog):
-    # a teacher model set as for a network teacher (as an experiment shared by a sweep over network and
-    # table teachers sets it) is accepted and ignored by the table teacher
-    res = run(compose_cfg(BASE + ["model@teacher.model=resnet8", "distill=dkd", "teacher=reffakd", "logger=csv"]
-                          + AE, tmp_path))
+    res = run(compose_cfg(BASE + ["distill=dkd", "teacher=reffakd", "logger=csv"] + AE, tmp_path))
     assert "running stage A first" in caplog.text
     assert res["method"] == "dkd@reffakd" and res["status"] == "complete"
     assert res["resources"]["stage_a_ran_in_this_run"] is True
@@ -277,7 +278,12 @@ def test_stage_a_errors_name_the_setting(tmp_path):
 
 @pytest.mark.parametrize("overrides", [["distill=reffakd"], ["distill=dkd", "teacher=reffakd"]])
 def test_table_teacher_composes_with_an_experiment_made_for_a_network_teacher(tmp_path, overrides):
-    """experiment=quickstart sets model@teacher.model and teacher.train.*: the table teacher takes both."""
-    cfg = compose_cfg(["experiment=quickstart"] + overrides, tmp_path)
+    """experiment=cifar10/quality names a network teacher (teacher_arch) and its recipe (conf/recipe/teacher/):
+    with the table teacher neither reaches the teacher node (it has no such settings), and the experiment's
+    stage-A budget (conf/recipe/reffakd_ae/) does."""
+    cfg = compose_cfg(["experiment=cifar10/quality"] + overrides, tmp_path)
     validate(cfg)
-    assert cfg.teacher.model.name == "resnet20" and cfg.teacher.train.max_epochs == 12
+    assert "model" not in cfg.teacher and "train" not in cfg.teacher
+    assert cfg.teacher.ae.epochs == 20 and list(cfg.teacher.ae.milestones) == [10, 15]
+    net = compose_cfg(["experiment=cifar10/quality", "distill=kd"], tmp_path)
+    assert net.teacher.model.name == "resnet20" and net.teacher.train.max_epochs == 12

@@ -196,21 +196,11 @@ def test_sweep_callback_writes_and_says_where(sweep, tmp_path, capsys):
 
     s = tmp_path / "sweep"
     shutil.copytree(sweep, s)
-    cb = instantiate({"_target_": "kdx.summary.SweepSummary", "metric": "test_acc1_best"})
+    cb = instantiate({"_target_": "kdx.report.SweepReport", "metric": "test_acc1_best"})
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(s)}}}))
     assert all((s / n).stat().st_size > 0 for n in report.OUTPUT_FILES)
     assert f"Results table: {s / 'results.md'}" in capsys.readouterr().out
     assert "Last epoch" not in (s / "results.md").read_text()
-
-
-def test_summary_compat(sweep):
-    from kdx import summary
-
-    done, missing = summary.collect([sweep])
-    assert len(done) == 8 and sorted(Path(m).name for m in missing) == ["6_distill=dkd,seed=1", "7_distill=dkd,seed=2"]
-    assert "73.30 ± 0.26 (n=3)" in summary.table(done) and "73.07" not in summary.table(done)
-    assert "73.07 ± 0.25 (n=3)" in summary.table(done, "test_acc1_last")
-    assert "6_distill=dkd,seed=1" in summary.render([sweep])
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

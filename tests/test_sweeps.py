@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg, run_cli
-from kdx.config import ConfigError, validate
-from kdx.sweep import FINGERPRINT_FILE, check_launch, name_from_overrides, prepare_job
+from kdx.config import validate
+from kdx.errors import ConfigError
+from kdx.sweep.folders import name_from_overrides
+from kdx.sweep.launch import check_launch
+from kdx.sweep.resume import FINGERPRINT_FILE, prepare_job
 
 
 def _without(keys: tuple[str, ...]) -> list[str]:
@@ -179,7 +182,7 @@ def test_basic_sweep_2x2_then_the_same_command_skips_every_job(tmp_path):
 def test_joblib_sweep_trains_a_missing_teacher_once(tmp_path):
     """Two KD jobs start together (joblib, n_jobs=2) and need the same missing resnet14 teacher: one trains it
     under the teacher store's lock, the other waits and loads it."""
-    args = ["-m", *_without(("model@teacher.model", "teacher.train.max_epochs")), "model@teacher.model=resnet14",
+    args = ["-m", *_without(("model@teacher.model", "teacher.train.max_epochs")), "teacher_arch=resnet14",
             "teacher.train.max_epochs=2", "distill=kd,none", "seed=0,1", "resume=auto", "sweep_name=lock",
             "hydra/launcher=kdx_joblib", f"paths.teachers={tmp_path / 'teachers'}"]
     ok(run_cli(args, cwd=tmp_path))

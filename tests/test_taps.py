@@ -12,10 +12,10 @@ import torch.nn as nn
 from hydra.utils import instantiate
 
 from conftest import TINY, compose_cfg
-from kdx.config import ConfigError
+from kdx.errors import ConfigError
 from kdx.features import FeatureTaps, check_taps, feature_shapes, model_taps, tokens_to_map
 from kdx.models import create_model
-from kdx.runner import build
+from kdx.run import build_job as build
 
 
 def stages(chs, n, hw=(32, 16, 8)):
@@ -184,13 +184,13 @@ def test_model_taps_override_reaches_the_strategy(tmp_path):
     job = build(compose_cfg(TINY + over, tmp_path))
     rtk = job.module.strategy.feature_loss
     assert rtk.s_shapes == [(32, 16, 16), (64, 8, 8)] and rtk.t_shapes == [(64, 8, 8)]
-    assert job.module.student_taps.names == ["layer2.0", "layer3.0"]
-    assert job.module.teacher_taps.names == ["layer3.0"]
+    assert job.module.step_parts.student_taps.names == ["layer2.0", "layer3.0"]
+    assert job.module.step_parts.teacher_taps.names == ["layer3.0"]
 
 
 def test_no_hooks_without_a_feature_strategy(tmp_path):
     job = build(compose_cfg(TINY + ["distill=kd"], tmp_path))
-    assert job.module.student_taps is None and job.module.teacher_taps is None
+    assert job.module.step_parts.student_taps is None and job.module.step_parts.teacher_taps is None
     nets = [job.module.student, job.module.teacher.net]
     assert not any(m._forward_hooks for net in nets for m in net.modules())
 
@@ -211,10 +211,10 @@ def test_training_captures_and_evaluation_does_not(tmp_path):
     seen = {"train": [], "eval": []}
 
     def probe(m, a, o):
-        seen["train" if m.training else "eval"].append(module.student_taps.capturing)
+        seen["train" if m.training else "eval"].append(module.step_parts.student_taps.capturing)
 
     def probe_teacher(m, a, o):
-        seen.setdefault("teacher", []).append(module.teacher_taps.capturing)
+        seen.setdefault("teacher", []).append(module.step_parts.teacher_taps.capturing)
 
     module.student.fc.register_forward_hook(probe)
     module.teacher.net.fc.register_forward_hook(probe_teacher)
@@ -224,7 +224,7 @@ def test_training_captures_and_evaluation_does_not(tmp_path):
     assert seen["train"] == [True] * n_train
     assert seen["eval"] and not any(seen["eval"])  # sanity check, validation and test: no capture
     assert seen["teacher"].count(True) == n_train  # the teacher's forward in training steps only
-    assert module.student_taps._store is None and module.teacher_taps._store is None
+    assert module.step_parts.student_taps._store is None and module.step_parts.teacher_taps._store is None
 
 
 def test_taps_under_torch_compile():

@@ -17,7 +17,7 @@ from kdx.distill.topkd import (
     top_k_scale,
     topkd_loss,
 )
-from kdx.runner import build, run
+from kdx.run import build_job as build, run
 
 
 def t(rows):
@@ -174,15 +174,6 @@ def test_topkd_promotes_half_precision_logits():
 
 # --------------------------------------------------------------------------- end to end
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    from conftest import TINY
-
-    tmp = tmp_path_factory.mktemp("topkd_teacher")
-    run(compose_cfg(list(TINY) + ["task=train"], tmp, name="teacher"))
-    return tmp / "teacher" / "teacher.pt"
-
-
 @pytest.mark.parametrize(
     "overrides, strategy_cls, terms",
     [
@@ -214,17 +205,18 @@ def test_end_to_end_through_the_real_config(tmp_path, tiny, teacher_ckpt, overri
 
 
 def test_topkd_recipes_compose_for_every_dkd_pair(tmp_path):
+    """TopKD on every pair of the DKD table: the pair's protocol (experiment=cifar100/dkd/<pair>) with distill=topkd."""
     from pathlib import Path
+
+    from kdx.config import validate
 
     root = Path(__file__).resolve().parent.parent / "conf" / "experiment" / "cifar100"
     pairs = sorted(p.stem for p in (root / "dkd").glob("*.yaml"))
-    assert sorted(p.stem for p in (root / "topkd").glob("*.yaml")) == pairs and len(pairs) == 11
-    from kdx.config import validate
-
+    assert len(pairs) == 11
     for pair in pairs:
-        cfg = compose_cfg([f"experiment=cifar100/topkd/{pair}"], tmp_path)
+        cfg = compose_cfg([f"experiment=cifar100/dkd/{pair}", "distill=topkd"], tmp_path)
         validate(cfg)
-        assert cfg.distill._target_ == "kdx.distill.topkd.TopKD" and cfg.method == "topkd"
+        assert cfg.distill._target_ == "kdx.distill.topkd.TopKD" and cfg.method == "topkd" and cfg.distill.k == 5
         dkd = compose_cfg([f"experiment=cifar100/dkd/{pair}"], tmp_path)
         for key in ("model", "teacher", "optim", "scheduler", "data"):
             assert cfg[key] == dkd[key], (pair, key)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kdx.optim import cosine, multistep
+from kdx.schedules import cosine, multistep
 
 
 def lrs(make, epochs):
