@@ -6,7 +6,11 @@ named modules of a network, once; a hook stores its module's output only inside
 keep nothing, and a capture starts empty, so nothing carries over from one step to the next.
 After the block, ``feats`` holds the features in tap order (``{name: B×C×H×W tensor}``).
 
-Tap names are keys of ``dict(model.named_modules())``: ``model.taps=[...]`` in the config, or the
+A tap is a module name, a key of ``dict(model.named_modules())`` (its output, taken with a forward
+hook; ``"name:out"`` says the same), or ``"name:in"``: the module's input (the first positional
+argument, taken with a forward pre-hook), for points that are no module's output, e.g. a pre-ReLU
+sum (the input of that ReLU) or a pooled feature (the input of the classifier). Features are
+stored under the tap as written. Taps come from ``model.taps=[...]`` in the config, or the
 model's defaults (:func:`kdx.models.default_taps`: every residual block for the CIFAR ResNets,
 the BN-ReLU of every block input plus the final BN-ReLU for the WRNs, ``feature_info`` modules
 for timm CNNs, ``blocks.i`` for timm ViTs). Token outputs of a ViT (``B×N×C``) are returned
@@ -28,7 +32,9 @@ from torch import Tensor
 
 from kdx.errors import ConfigError
 
-__all__ = ["FeatureTaps", "attach_feature_taps", "capture", "check_taps", "feature_shapes", "model_taps"]
+__all__ = [
+    "FeatureTaps", "attach_feature_taps", "capture", "check_taps", "feature_shapes", "model_taps", "parse_tap"
+]
 
 
 def model_taps(model: nn.Module) -> list[str]:
@@ -39,13 +45,22 @@ def model_taps(model: nn.Module) -> list[str]:
     return list(taps) if taps is not None else default_taps(model)
 
 
+def parse_tap(tap: str) -> tuple[str, bool]:
+    """``"name"``, ``"name:out"`` → ``(name, False)``: the module's output; ``"name:in"`` → ``(name, True)``."""
+    name, sep, where = tap.rpartition(":")
+    if sep and where in ("in", "out"):
+        return name, where == "in"
+    return tap, False
+
+
 def check_taps(model: nn.Module, names: Sequence[str], setting: str = "model.taps") -> None:
     """Raise :class:`ConfigError` naming ``setting`` when a tap is not a module of ``model``."""
     if isinstance(names, str) or not len(names):
         raise ConfigError(f"{setting} must be a non-empty list of module names, got {names!r}.")
     modules = dict(model.named_modules())
-    unknown = [n for n in names if n not in modules]
-    dup = sorted({n for n in names if list(names).count(n) > 1})
+    unknown = [n for n in names if parse_tap(n)[0] not in modules]
+    points = [parse_tap(n) for n in names]  # "x" and "x:out" are the same tap
+    dup = sorted({n for n, p in zip(names, points) if points.count(p) > 1})
     if unknown or dup:
         valid = [n for n in modules if n]
         what = f"no module named {', '.join(map(repr, unknown))}" if unknown else f"duplicate tap(s) {dup}"
@@ -74,7 +89,8 @@ def tokens_to_map(x: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
 
 
 class FeatureTaps:
-    """Forward hooks on ``names`` of ``model``; features are kept only inside :meth:`capture`.
+    """Forward hooks (pre-hooks for ``"name:in"``) on the taps ``names`` of ``model``; features are kept only
+    inside :meth:`capture`.
 
     ``setting`` names the config key of the tap list in errors (``model.taps`` or
     ``teacher.model.taps``).
@@ -91,13 +107,24 @@ class FeatureTaps:
             (lambda t: tokens_to_map(t, *tokens) if t.ndim == 3 else t) if tokens else (lambda t: t)
         )
         modules = dict(model.named_modules())
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        self._handles = []
+        for tap in self.names:
+            name, is_input = parse_tap(tap)
+            register = modules[name].register_forward_pre_hook if is_input else modules[name].register_forward_hook
+            self._handles.append(register(self._hook(tap, is_input)))
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args, output) -> None:
+    def _hook(self, name: str, is_input: bool = False):
+        def hook(module: nn.Module, args, output=None) -> None:
             store = self._store
             if store is None:
                 return
+            if is_input:
+                if not args:
+                    raise RuntimeError(
+                        f"Feature tap '{name}' takes the module's input, but the module was called without "
+                        f"positional arguments ({self.setting})."
+                    )
+                output = args[0]
             if isinstance(output, (tuple, list)):
                 output = output[0]
             if name in store:
@@ -156,7 +183,8 @@ def capture(taps: Optional[FeatureTaps]):
 def feature_shapes(
     model: nn.Module, taps: FeatureTaps, input_shape: Sequence[int], batch: int = 2
 ) -> list[torch.Size]:
-    """Shapes (``B×C×H×W``, B = ``batch``) of the taps, from one forward of zeros in eval mode.
+    """Shapes (``B×C×H×W``, or ``B×C`` for a pooled feature; B = ``batch``) of the taps, from one forward of
+    zeros in eval mode.
 
     The model's mode is restored afterwards; BN running statistics are not touched (eval mode).
     """
