@@ -9,6 +9,11 @@ Deviations: `forward` returns logits only (features are taken with forward hooks
 has separate, non-inplace ReLU modules (`relu1` inside the branch, `relu` after the add), so a
 forward pre-hook on `<block>.relu` yields the pre-activation sum.
 Parameter names equal the reference's, so CRD/mdistiller checkpoints load as they are.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = stem ReLU
+and each stage's output; `preact_feats` = stem ReLU and each stage's last block sum before its
+ReLU (`<block>.relu:in`); `pooled_feat` = the input of `fc`. `bn_before_relu` (OFD) = `bn2` of
+each stage's last block, as mdistiller's `get_bn_before_relu()`.
 """
 from __future__ import annotations
 
@@ -63,6 +68,14 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
         # every residual block (its output is post-ReLU)
         self.default_taps = [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(n)]
+        last = [f"layer{s}.{n - 1}" for s in (1, 2, 3)]
+        self.tap_sets = {
+            "blocks": list(self.default_taps),
+            "feats": ["relu", "layer1", "layer2", "layer3"],
+            "preact_feats": ["relu"] + [f"{b}.relu:in" for b in last],
+            "pooled_feat": ["fc:in"],
+        }
+        self.bn_before_relu = [f"{b}.bn2" for b in last]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -10,6 +10,13 @@ conv N(0, 2/(k·k·out)), BN 1/0, Linear N(0, 0.01), bias 0.
 Deviations: logits only; non-inplace ReLUs; AdaptiveAvgPool(1) instead of AvgPool(2,
 ceil_mode) (identical on the 2×2 final map of 32-px input). Parameter names equal the
 reference's (`classifier.0` is the FC), so CRD/mdistiller checkpoints load as they are.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = stem and
+the outputs of stages 1, 2, 4, 6 (linear bottlenecks: no ReLU); `pooled_feat` = the input of
+`classifier`. mdistiller's MobileNetV2 returns no `preact_feats`, so there is none here (its
+OFD or ReviewKD with `STU_PREACT` on a MobileNetV2 student would stop with a KeyError).
+`bn_before_relu` (OFD) = the projection BN (`conv.7`) of the last block of stages 1, 2, 4, 6, as
+mdistiller's `get_bn_before_relu()` (that BN is followed by a residual add, not by a ReLU).
 """
 from __future__ import annotations
 
@@ -62,6 +69,13 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         self.default_taps = [f"blocks.{i}" for i in range(len(blocks))]
+        stages = (1, 2, 4, 6)  # mdistiller's f1..f4
+        self.tap_sets = {
+            "blocks": list(self.default_taps),
+            "feats": ["conv1"] + [f"blocks.{i}" for i in stages],
+            "pooled_feat": ["classifier:in"],
+        }
+        self.bn_before_relu = [f"blocks.{i}.{len(blocks[i]) - 1}.conv.7" for i in stages]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

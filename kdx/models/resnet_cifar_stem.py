@@ -9,6 +9,11 @@ reference: Kaiming-normal (fan_out) convs, BN 1/0, default Linear; zero_init_res
 Deviations: logits only; non-inplace ReLU modules (`relu` after the add in every block, so a
 forward pre-hook on `<block>.relu` yields the pre-activation). Parameter names equal the
 reference's (`shortcut`, `linear`), so CRD/mdistiller checkpoints load as they are.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = stem ReLU
+and each stage's output; `preact_feats` = stem ReLU and each stage's last block sum before its
+ReLU (`<block>.relu:in`); `pooled_feat` = the input of `linear`. `bn_before_relu` (OFD) = the
+last BN (`bn2` / `bn3`) of each stage's last block, as mdistiller's `get_bn_before_relu()`.
 """
 from __future__ import annotations
 
@@ -79,6 +84,14 @@ class ResNetCifarStem(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(c_in, num_classes)
         self.default_taps = [f"layer{s}.{i}" for s, n in enumerate(num_blocks, start=1) for i in range(n)]
+        last = [f"layer{s}.{n - 1}" for s, n in enumerate(num_blocks, start=1)]
+        self.tap_sets = {
+            "blocks": list(self.default_taps),
+            "feats": ["relu", "layer1", "layer2", "layer3", "layer4"],
+            "preact_feats": ["relu"] + [f"{b}.relu:in" for b in last],
+            "pooled_feat": ["linear:in"],
+        }
+        self.bn_before_relu = [f"{b}.{'bn3' if block is Bottleneck else 'bn2'}" for b in last]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

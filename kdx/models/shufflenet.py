@@ -13,6 +13,16 @@ BasicBlocks (channel split 0.5, shuffle g=2); conv1×1 → 1024 + BN + ReLU.
 Deviations: logits only; ReLUs are non-inplace modules; AdaptiveAvgPool(1) instead of
 avg_pool2d(4) (identical on 32-px input). Parameter names equal the reference's, so
 CRD/mdistiller checkpoints load as they are.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = stem ReLU
+and each stage's output; `preact_feats` = stem ReLU and the input of the final ReLU of each
+stage's last block (`<block>.relu:in`); `pooled_feat` = the input of `linear`. For V2 that
+pre-activation is, as in mdistiller, the concatenation [x1, BN3 output] BEFORE the channel
+shuffle, so `feats[i] == channel_shuffle(relu(preact_feats[i]), 2)`. To make it a module input, the
+V2 unit applies its ReLU to the whole concatenation: x1 is a post-ReLU map in this network (every
+unit's output is a shuffle of ReLU outputs), so the output is bitwise unchanged and the gradients
+are unchanged up to float rounding (~1e-6 relative: BN3's backward now gets a strided gradient).
+`bn_before_relu` is None: mdistiller's ShuffleNets raise NotImplementedError there (no OFD teacher).
 """
 from __future__ import annotations
 
@@ -23,6 +33,16 @@ import torch.nn as nn
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def _tap_sets(blocks: list[str], last: list[int]) -> dict[str, list[str]]:
+    """mdistiller's feats / preact_feats / pooled_feat points; `last[s]`: index of stage s+1's last unit."""
+    return {
+        "blocks": list(blocks),
+        "feats": ["relu", "layer1", "layer2", "layer3"],
+        "preact_feats": ["relu"] + [f"layer{s}.{i}.relu:in" for s, i in enumerate(last, start=1)],
+        "pooled_feat": ["linear:in"],
+    }
 
 
 class ShuffleV1Block(nn.Module):
@@ -65,6 +85,8 @@ class ShuffleNetV1(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_planes[-1], num_classes)
         self.default_taps = [f"layer{s}.{i}" for s, n in enumerate(num_blocks, start=1) for i in range(n)]
+        self.tap_sets = _tap_sets(self.default_taps, [n - 1 for n in num_blocks])
+        self.bn_before_relu = None
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -90,8 +112,9 @@ class ShuffleV2Block(nn.Module):
 
     def forward(self, x):
         x1, x2 = x[:, : self.c_keep], x[:, self.c_keep :]
-        out = self.relu(self.bn3(self.conv3(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x2))))))))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        out = self.bn3(self.conv3(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x2)))))))
+        # = cat([x1, relu(out)]) as x1 >= 0 in the network; the ReLU's input is mdistiller's `preact`
+        return channel_shuffle(self.relu(torch.cat([x1, out], 1)), 2)
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -138,6 +161,8 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.default_taps = [f"layer{s}.{i}" for s, n in enumerate(num_blocks, start=1) for i in range(n + 1)]
+        self.tap_sets = _tap_sets(self.default_taps, list(num_blocks))
+        self.bn_before_relu = None
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

@@ -12,6 +12,11 @@ reference leaves the last ReLU of each block to the forward), so a block's outpu
 and the BN before it can be hooked for pre-activations.
 Parameter names (`block{i}.{j}`, `classifier`) equal the reference's, so CRD/mdistiller
 checkpoints load as they are.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = each
+block's output (post-ReLU); `preact_feats` = `block0`'s output (post-ReLU, as in mdistiller),
+then the last BN of blocks 1-4; `pooled_feat` = the input of `classifier`. `bn_before_relu` (OFD)
+= the last BN of blocks 1-4 (mdistiller's `block{i}[-1]`, which is kdx's `block{i}[-2]`).
 """
 from __future__ import annotations
 
@@ -47,6 +52,13 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
         self.default_taps = [f"block{i}" for i in range(5)]
+        self.bn_before_relu = [f"block{i}.{3 * len(cfg[i]) - 2}" for i in range(1, 5)]
+        self.tap_sets = {
+            "blocks": list(self.default_taps),
+            "feats": list(self.default_taps),
+            "preact_feats": ["block0"] + self.bn_before_relu,
+            "pooled_feat": ["classifier:in"],
+        }
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -10,6 +10,14 @@ input. Init as in the reference: conv weights N(0, 2/(k·k·out)), BN 1/0, Linea
 Deviations: logits only; non-inplace ReLUs; no dropout (dropRate 0 in the zoo). Parameter
 names equal the reference's, so CRD/mdistiller checkpoints load as they are.
 Tap names: `block{g}.layer.{i}.relu1` (BN-ReLU of a block's input) and the final `relu`.
+
+Tap sets (`tap_sets`, the points mdistiller's model returns from `forward`): `feats` = stem conv
+and each group's output (no ReLU: pre-activation blocks); `preact_feats` = stem conv, then
+mdistiller's `block2.layer[0].bn1(f1)`, `block3.layer[0].bn1(f2)`, `bn1(f3)`: these BNs run once in
+the forward on exactly those inputs, so their outputs are tapped (mdistiller calls them a second
+time after the forward, which in training mode updates their running statistics twice per step;
+hooks do not repeat that). `pooled_feat` = the input of `fc`. `bn_before_relu` (OFD) = those
+three BNs, as mdistiller's `get_bn_before_relu()`.
 """
 from __future__ import annotations
 
@@ -68,6 +76,13 @@ class WideResNet(nn.Module):
         # relu1 of every block except the network's first (its input is the raw stem conv), + final relu
         taps = [f"block{g}.layer.{i}.relu1" for g in (1, 2, 3) for i in range(n)]
         self.default_taps = taps[1:] + ["relu"]
+        self.bn_before_relu = ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+        self.tap_sets = {
+            "blocks": list(self.default_taps),
+            "feats": ["conv1", "block1", "block2", "block3"],
+            "preact_feats": ["conv1"] + self.bn_before_relu,
+            "pooled_feat": ["fc:in"],
+        }
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
