@@ -136,4 +136,4 @@ def test_bf16_autocast_finite_and_close():
         out = reg(f_s)
         loss = fitnet_loss(out, f_t.bfloat16())
     assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)  # measured 2e-5

@@ -126,8 +126,8 @@ def test_gradcheck_float64():
 
 
 # ----------------------------------------------------------------------------- (d) official reference values
-# megvii-research/mdistiller a08d46f10d6102bd6e3f258ca5ac880b020ea259, mdistiller/distillers/VID.py: torch.manual_seed(0)
-# then VID.init_vid_modules([C_s], [C_t]) (init_pred_var 5.0, eps 1e-5); value = vid_loss(regressors[0], log_scales[0],
+# megvii-research/mdistiller a08d46f10d6102bd6e3f258ca5ac880b020ea259, mdistiller/distillers/VID.py:
+# torch.manual_seed(0) then VID.init_vid_modules([C_s], [C_t]) (init_pred_var 5.0, eps 1e-5); value = vid_loss(regressors[0], log_scales[0],
 # f_s = randn(s_shape, Generator seed 3), f_t = randn(t_shape, Generator seed 4), 1e-5) (torch 2.14.1, CPU).
 # HobbitLong/RepDistiller b84f547c5db6a35318d4671d7d5c4de74c822403 distiller_zoo/VID.py VIDLoss(C_s, C_t, C_t) built
 # after torch.manual_seed(0) gives the same three numbers.
@@ -169,4 +169,4 @@ def test_bf16_autocast_finite_and_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = vid(f_s, f_t.bfloat16())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)  # measured 2e-6
