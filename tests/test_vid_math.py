@@ -127,8 +127,9 @@ def test_gradcheck_float64():
 
 # ----------------------------------------------------------------------------- (d) official reference values
 # megvii-research/mdistiller a08d46f10d6102bd6e3f258ca5ac880b020ea259, mdistiller/distillers/VID.py:
-# torch.manual_seed(0) then VID.init_vid_modules([C_s], [C_t]) (init_pred_var 5.0, eps 1e-5); value = vid_loss(regressors[0], log_scales[0],
-# f_s = randn(s_shape, Generator seed 3), f_t = randn(t_shape, Generator seed 4), 1e-5) (torch 2.14.1, CPU).
+# torch.manual_seed(0) then VID.init_vid_modules([C_s], [C_t]) (init_pred_var 5.0, eps 1e-5);
+# value = vid_loss(regressors[0], log_scales[0], f_s = randn(s_shape, Generator seed 3),
+# f_t = randn(t_shape, Generator seed 4), 1e-5) (torch 2.14.1, CPU).
 # HobbitLong/RepDistiller b84f547c5db6a35318d4671d7d5c4de74c822403 distiller_zoo/VID.py VIDLoss(C_s, C_t, C_t) built
 # after torch.manual_seed(0) gives the same three numbers.
 OFFICIAL = [
