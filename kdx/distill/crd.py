@@ -30,8 +30,9 @@ negatives, drawn once when the dataset is built. Without ``contrast_idx`` the of
 ``B·(K+1)`` indices uniformly from all ``n_data`` (AliasMethod on uniform weights, column 0 := own index).
 Here the same distributions are drawn by :func:`sample_contrast_idx` / :func:`uniform_contrast_idx`, but
 from a counter-based integer hash of ``(seed, epoch, index)`` instead of a stateful RNG: every sample's row
-is a fixed function of those three, identical on CPU and CUDA, whatever the batch composition, worker or
-DDP rank, so a resumed run draws exactly what an uninterrupted one would. (Bit-equality with numpy's
+is a fixed function of those three (int64 integer ops only, hence meant to be device-independent; checked on
+CPU only), whatever the batch composition, worker or DDP rank, so a resumed run draws exactly what an
+uninterrupted one would. (Bit-equality with numpy's
 stream is neither possible nor meaningful: the official draws depend on worker seeding.)
 
 Official CIFAR-100 hyper-parameters (mdistiller ``engine/cfg.py`` + ``configs/cifar100/crd.yaml``):
