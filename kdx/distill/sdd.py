@@ -7,10 +7,11 @@ of 4 this differs from pooling the map directly; a 2×2 map is up-sampled, its 4
 pixels). Cells are flattened row-major, scales concatenated in the order of M (the global cell first),
 and every cell goes through the model's own classifier: logits [B, K, N], N = Σ s² (1, 5 or 21).
 
-**Losses**: the [B, K, N] logits are flattened region-major to [N·B, K] (row ``n·B + b``), the targets
-repeated N times, and the base loss is taken per row. Each row gets a weight from the TEACHER's
-argmax: rows whose correctness (argmax == y) differs from that of the sample's global row are
-"complementary" (weight 2), the others "consistent" (weight 1); global rows always weigh 1. Then
+**Losses** (region logits [B, K, N] of student and teacher, target [B] int64): the logits are
+flattened region-major to [N·B, K] (row ``n·B + b``), the targets repeated N times, and the base loss
+is taken per row. Each row gets a weight from the TEACHER's argmax: rows whose correctness
+(argmax == y) differs from that of the sample's global row are "complementary" (weight 2), the others
+"consistent" (weight 1); global rows always weigh 1. Then
 
 - SDD-KD: ``Σ_r w_r·T²·KL_r / (N·B)`` (element-wise KL; NaN elements set to 0),
 - SDD-DKD: ``Σ_r w_r·(α·TCKD_r + β·NCKD_r) / (N·B)``, TCKD/NCKD as in DKD (T², -1000 target mask
