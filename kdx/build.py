@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from kdx.callbacks import build_callbacks
 from kdx.config import check_values, resolved, validate
 from kdx.dist import local_rank, rank
-from kdx.distill.base import Strategy
+from kdx.distill.base import DataInfo, Strategy
 from kdx.distill.none import CrossEntropy
 from kdx.errors import CheckpointError, ConfigError
 from kdx.features import attach_feature_taps, check_config_taps
 from kdx.labels import run_label
 from kdx.loggers import build_logger
+from kdx.optimizers import SplitLossOptimizer
 from kdx.regimes.base import KDModule, Parts
 from kdx.regimes.step import StepParts
 from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
@@ -191,9 +192,13 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
     strategy, method = _strategy(cfg)
     regime, regime_cls = _regime(cfg, strategy)
     source: Optional[TeacherSource] = instantiate_unwrapped(cfg.teacher) if strategy.needs_teacher else None
-    if strategy.needs_features:  # a wrong tap name stops here, before any teacher training
-        nodes = [("model", cfg.model)] + ([("teacher.model", source.model_config)] if source.model_config else [])
-        check_config_taps(nodes, int(dm.num_classes))
+    if strategy.views:  # a datamodule that cannot give the extra views stops here
+        dm.request_views(strategy.views, type(strategy).__name__)
+    if strategy.needs_features:  # a wrong tap name or a missing tap set stops here, before any teacher training
+        nodes = [("model", cfg.model, strategy.student_taps)]
+        if source is not None and source.model_config is not None:
+            nodes.append(("teacher.model", source.model_config, strategy.teacher_taps))
+        check_config_taps(strategy, nodes, int(dm.num_classes))
     cache = instantiate_unwrapped(cfg.teacher_cache).checked(strategy, type(source), dm, regime_cls.regime)
     ctx = RunContext(cfg=cfg, dataset_key=dm.dataset_key, num_classes=int(dm.num_classes), output_dir=out,
                      store=TeacherStore(cfg.paths.teachers), rank=rank(), run_job=run_job)
@@ -203,20 +208,42 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
                                 channels_last=bool(cfg.perf.channels_last))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init with or without a teacher
     student = instantiate_unwrapped(cfg.model, num_classes=ctx.num_classes)
+    strategy.attach_data(DataInfo(ctx.num_classes, dm.train_labels(), int(cfg.seed)))
+    strategy.attach_networks(student, teacher.network if teacher is not None else None)
     student_taps = teacher_taps = None
     if strategy.needs_features:  # hooks + shape-dependent modules, before the optimiser
         student_taps, teacher_taps = attach_feature_taps(strategy, student, teacher, dm.image_shape)
+    optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.scheduler) if (cfg.get("scheduler") or {}).get("_target_") else None
     parts = Parts(
-        step=StepParts(student, strategy, teacher, student_taps, teacher_taps),
-        optimizer=instantiate(cfg.optim), scheduler=scheduler, datamodule=dm, num_classes=ctx.num_classes,
+        step=StepParts(student, strategy, teacher, student_taps, teacher_taps, *_heads(strategy, student, teacher)),
+        optimizer=optimizer, scheduler=scheduler, datamodule=dm, num_classes=ctx.num_classes,
         perf=instantiate(cfg.perf), output_dir=out, seed=int(cfg.seed),
+        split_losses=isinstance(optimizer, functools.partial) and issubclass(optimizer.func, SplitLossOptimizer),
     )
     module = regime(parts)
     pair = cfg.model.name if teacher is None else f"{teacher.info.get('arch') or 'teacher'}-{cfg.model.name}"
     logger = build_logger(cfg, {"method": method, "dataset": ctx.dataset_key, "pair": pair, "seed": int(cfg.seed)})
     trainer = _trainer(cfg, module, logger, out)
+    if trainer.world_size > 1 and not strategy.supports_ddp:
+        raise ConfigError(f"{type(strategy).__name__} keeps state that every DDP rank would have to share (its memory "
+                          f"bank) and is refused under {trainer.world_size} processes: run it on one device "
+                          "(trainer.devices=1, trainer.num_nodes=1).")
     return Job(cfg, ctx, dm, module, trainer, logger, method, pair)
+
+
+def _heads(strategy: Strategy, student: Any, teacher: Optional[Teacher]) -> tuple[Any, Any]:
+    """Each network's classifier when the strategy asks for it (``Strategy.needs_head``): ``get_classifier()``."""
+    if not strategy.needs_head:
+        return None, None
+    heads = []
+    for setting, net in (("model", student), ("teacher.model", teacher.network if teacher is not None else None)):
+        try:
+            heads.append(net.get_classifier())
+        except AttributeError:
+            raise ConfigError(f"{type(strategy).__name__} needs the classifier of {setting} (a get_classifier() method, "
+                              "as kdx's zoo and timm models have); this network has none.") from None
+    return heads[0], heads[1]
 
 
 __all__ = ["Job", "RunContext", "build", "instantiate_data", "instantiate_unwrapped", "teacher_training_config"]

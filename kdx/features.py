@@ -1,4 +1,4 @@
-"""Feature taps: intermediate outputs of named modules, taken with forward hooks.
+"""Feature taps: intermediate outputs of named modules, taken with forward hooks, grouped in tap sets.
 
 No model's ``forward`` changes. A :class:`FeatureTaps` registers one forward hook per tap on the
 named modules of a network, once; a hook stores its module's output only inside
@@ -10,10 +10,19 @@ A tap is a module name, a key of ``dict(model.named_modules())`` (its output, ta
 hook; ``"name:out"`` says the same), or ``"name:in"``: the module's input (the first positional
 argument, taken with a forward pre-hook), for points that are no module's output, e.g. a pre-ReLU
 sum (the input of that ReLU) or a pooled feature (the input of the classifier). Features are
-stored under the tap as written. Taps come from ``model.taps=[...]`` in the config, or the
-model's defaults (:func:`kdx.models.default_taps`: every residual block for the CIFAR ResNets,
-the BN-ReLU of every block input plus the final BN-ReLU for the WRNs, ``feature_info`` modules
-for timm CNNs, ``blocks.i`` for timm ViTs). Token outputs of a ViT (``B×N×C``) are returned
+stored under the tap as written.
+
+Tap sets: a strategy declares which sets it reads from each network (``Strategy.student_taps`` /
+``teacher_taps``), and a model declares where its sets are (``model.tap_sets``):
+
+- ``blocks``: every residual block (AFD, RTK): the CIFAR ResNets' block outputs, the WRNs' BN-ReLU of every
+  block input plus the final BN-ReLU, ``feature_info`` modules for timm CNNs, ``blocks.i`` for timm ViTs;
+- ``feats``, ``preact_feats``, ``pooled_feat``: the points mdistiller's models return (the stem and each
+  stage after ReLU, the same before the last ReLU, the pooled feature before the classifier);
+- ``final_map``: the map the model pools globally before its classifier.
+
+``model.taps={<set>: [...]}`` in the config replaces a set's points (:func:`model_tap_sets`). A set a model
+does not have stops the run at start-up, naming the strategy and the setting. Token outputs of a ViT (``B×N×C``) are returned
 as maps ``B×C×H×W`` (prefix tokens - class, distillation, register - dropped; the grid from
 ``patch_embed.grid_size``). A module whose output is a tuple gives its first element.
 
@@ -33,16 +42,17 @@ from torch import Tensor
 from kdx.errors import ConfigError
 
 __all__ = [
-    "FeatureTaps", "attach_feature_taps", "capture", "check_taps", "feature_shapes", "model_taps", "parse_tap"
+    "FeatureTaps", "TapSets", "attach_feature_taps", "capture", "check_config_taps", "check_taps", "feature_shapes",
+    "model_tap_sets", "parse_tap",
 ]
 
 
-def model_taps(model: nn.Module) -> list[str]:
-    """The tap names of ``model``: ``model.taps`` (set from the config) else its defaults."""
-    from kdx.models import default_taps
-
-    taps = getattr(model, "taps", None)
-    return list(taps) if taps is not None else default_taps(model)
+def model_tap_sets(model: nn.Module) -> dict[str, list[str]]:
+    """The tap sets of ``model``: what it declares (``tap_sets``), with the config's ``model.taps`` replacing
+    sets it names. A user model may declare ``tap_sets`` or get them all from ``model.taps``."""
+    declared = dict(getattr(model, "tap_sets", None) or {})
+    overrides = getattr(model, "taps", None) or {}
+    return {**{k: list(v) for k, v in declared.items()}, **{k: list(v) for k, v in overrides.items()}}
 
 
 def parse_tap(tap: str) -> tuple[str, bool]:
@@ -66,7 +76,7 @@ def check_taps(model: nn.Module, names: Sequence[str], setting: str = "model.tap
         what = f"no module named {', '.join(map(repr, unknown))}" if unknown else f"duplicate tap(s) {dup}"
         raise ConfigError(
             f"{setting}: {type(model).__name__} has {what}. Set {setting}=[...] to names from this list "
-            f"(null: the model's defaults). Valid names ({len(valid)}): {', '.join(valid)}."
+            f"(\"name:in\" for a module's input). Valid names ({len(valid)}): {', '.join(valid)}."
         )
 
 
@@ -96,8 +106,8 @@ class FeatureTaps:
     ``teacher.model.taps``).
     """
 
-    def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None, setting: str = "model.taps") -> None:
-        names = model_taps(model) if names is None else list(names)
+    def __init__(self, model: nn.Module, names: Sequence[str], setting: str = "model.taps") -> None:
+        names = list(names)
         check_taps(model, names, setting)
         self.names: list[str] = list(names)
         self.setting = setting
@@ -174,17 +184,53 @@ class FeatureTaps:
         return f"FeatureTaps({len(self.names)} taps, {self.setting})"
 
 
-def capture(taps: Optional[FeatureTaps]):
+class TapSets:
+    """The tap sets ``{set: [tap, ...]}`` a strategy reads from one network, hooked once (the union of their taps).
+
+    ``with tap_sets.capture() as feats:`` → after the block, ``feats[set]`` is the list of that set's features, in
+    the set's order. ``setting`` names the config key in errors (``model.taps``, ``teacher.model.taps``).
+    """
+
+    def __init__(self, model: nn.Module, sets: dict[str, Sequence[str]], setting: str = "model.taps") -> None:
+        self.sets = {k: [_canonical(t) for t in v] for k, v in sets.items()}
+        for name, taps in self.sets.items():
+            check_taps(model, taps, f"{setting}.{name}")
+        self.taps = FeatureTaps(model, list(dict.fromkeys(t for v in self.sets.values() for t in v)), setting)
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, list[Tensor]]]:
+        out: dict[str, list[Tensor]] = {}
+        with self.taps.capture() as flat:
+            yield out
+        out.update({k: [flat[t] for t in v] for k, v in self.sets.items()})
+
+    @property
+    def capturing(self) -> bool:
+        return self.taps.capturing
+
+    def remove(self) -> None:
+        self.taps.remove()
+
+    def __repr__(self) -> str:
+        return f"TapSets({', '.join(f'{k}: {len(v)}' for k, v in self.sets.items())})"
+
+
+def _canonical(tap: str) -> str:
+    name, is_input = parse_tap(tap)
+    return f"{name}:in" if is_input else name
+
+
+def capture(taps: Optional[FeatureTaps | TapSets]):
     """``taps.capture()``, or a no-op context yielding ``{}`` when there are no taps."""
     return taps.capture() if taps is not None else nullcontext({})
 
 
 @torch.no_grad()
 def feature_shapes(
-    model: nn.Module, taps: FeatureTaps, input_shape: Sequence[int], batch: int = 2
-) -> list[torch.Size]:
+    model: nn.Module, taps: FeatureTaps | TapSets, input_shape: Sequence[int], batch: int = 2
+) -> list[torch.Size] | dict[str, list[torch.Size]]:
     """Shapes (``B×C×H×W``, or ``B×C`` for a pooled feature; B = ``batch``) of the taps, from one forward of
-    zeros in eval mode.
+    zeros in eval mode: a list for :class:`FeatureTaps`, ``{set: [shape, ...]}`` for :class:`TapSets`.
 
     The model's mode is restored afterwards; BN running statistics are not touched (eval mode).
     """
@@ -198,40 +244,65 @@ def feature_shapes(
             model(x)
     finally:
         model.train(was_training)
+    if isinstance(taps, TapSets):
+        return {k: [f.shape for f in v] for k, v in feats.items()}
     return [feats[n].shape for n in taps.names]
+
+
+def _required(model: nn.Module, sets: Sequence[str], who: str, setting: str) -> dict[str, list[str]]:
+    """The sets ``sets`` of ``model`` (ConfigError naming the strategy and the setting when one is missing)."""
+    available = model_tap_sets(model)
+    missing = [s for s in sets if s not in available]
+    if missing:
+        raise ConfigError(
+            f"{who} reads the tap set(s) {missing} of {setting.rsplit('.', 1)[0]} ({type(model).__name__}), which "
+            f"declares only {sorted(available) or 'none'}. Give the points with {setting}={{{missing[0]}: [module "
+            "names]}} (\"name:in\" for a module's input), or choose another model or method."
+        )
+    return {s: available[s] for s in sets}
 
 
 def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequence[int]):
     """Hook the student's and the teacher's taps and build the strategy's shape-dependent modules.
 
-    Returns ``(student_taps, teacher_taps)``. Called by :func:`kdx.build.build` at start-up for a
-    strategy with ``needs_features`` (after seeding, before the optimiser exists): unknown tap names
-    stop the run here, naming ``model.taps`` / ``teacher.model.taps``.
+    Returns ``(student_taps, teacher_taps)`` (:class:`TapSets`, None for a network the strategy does not tap).
+    Called by :func:`kdx.build.build` at start-up for a strategy with ``needs_features`` (after seeding, before
+    the optimiser exists): unknown tap names and missing sets stop the run here, naming ``model.taps`` /
+    ``teacher.model.taps``. ``build_feature_modules`` gets ``{set: [shape, ...]}`` of each network.
     """
-    teacher_net = teacher.network if teacher is not None else None
-    if teacher_net is None:
-        raise ConfigError(
-            f"{type(strategy).__name__} needs the teacher's intermediate features, but the teacher "
-            f"({type(teacher).__name__}) has no network to tap. Use a network teacher (teacher=net)."
-        )
-    student_taps = FeatureTaps(student, setting="model.taps")
-    teacher_taps = FeatureTaps(teacher_net, setting="teacher.model.taps")
+    who = type(strategy).__name__
+    student_taps = teacher_taps = None
+    if strategy.student_taps:
+        student_taps = TapSets(student, _required(student, strategy.student_taps, who, "model.taps"), "model.taps")
+    if strategy.teacher_taps:
+        teacher_net = teacher.network if teacher is not None else None
+        if teacher_net is None:
+            raise ConfigError(
+                f"{who} needs the teacher's intermediate features, but the teacher ({type(teacher).__name__}) has no "
+                "network to tap. Use a network teacher (teacher=net)."
+            )
+        sets = _required(teacher_net, strategy.teacher_taps, who, "teacher.model.taps")
+        teacher_taps = TapSets(teacher_net, sets, "teacher.model.taps")
     strategy.build_feature_modules(
-        feature_shapes(teacher_net, teacher_taps, input_shape), feature_shapes(student, student_taps, input_shape)
+        feature_shapes(teacher.network, teacher_taps, input_shape) if teacher_taps else {},
+        feature_shapes(student, student_taps, input_shape) if student_taps else {},
     )
     return student_taps, teacher_taps
 
 
-def check_config_taps(nodes: Sequence[tuple[str, Any]], num_classes: int) -> None:
-    """Check the taps of model config nodes (``(setting, node)``: ``model``, ``teacher.model``) on throwaway
-    builds of the architectures.
+def check_config_taps(strategy: Any, nodes: Sequence[tuple[str, Any, Sequence[str]]], num_classes: int) -> None:
+    """Check the tap sets ``strategy`` reads on throwaway builds of the architectures: ``nodes`` are
+    ``(setting, model config node, sets)`` (``model``, ``teacher.model``).
 
-    Runs at start-up before a teacher is looked up (or trained), so a misspelt tap stops the run
-    at once rather than after a teacher has been trained.
+    Runs at start-up before a teacher is looked up (or trained), so a misspelt tap or a missing set stops the
+    run at once rather than after a teacher has been trained.
     """
     from hydra.utils import instantiate
 
-    for setting, node in nodes:
+    for setting, node, sets in nodes:
+        if not sets:
+            continue
         extra = {"pretrained": False} if "pretrained" in node else {}  # names only: no weights needed
         model = instantiate(node, num_classes=num_classes, **extra)
-        check_taps(model, model_taps(model), f"{setting}.taps")
+        for name, taps in _required(model, sets, type(strategy).__name__, f"{setting}.taps").items():
+            check_taps(model, [_canonical(t) for t in taps], f"{setting}.taps.{name}")

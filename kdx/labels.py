@@ -3,19 +3,25 @@ from __future__ import annotations
 
 from typing import Any
 
+#: optim group options that are methods of their own (a paper's contribution): they appear in the label
+METHOD_OPTIMISERS = frozenset({"dot"})
+
 
 def method_label(choices: Any) -> str:
-    """``distill``, plus ``+<transform>`` when a teacher transform is chosen (``distill=kd
-    distill/teacher_transform=topk_scale`` → ``kd+topk_scale``), plus ``@<teacher>`` for a teacher group other
+    """``distill``, plus ``+<transform>`` for each transform chosen (``distill=kd distill/teacher_transform=topk_scale``
+    → ``kd+topk_scale``, ``distill/logit_transform=ls`` → ``kd+ls``), plus ``@<teacher>`` for a teacher group other
     than the network teacher (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``).
 
     This is the label of the command line (it names run folders). The label a run records is
     :func:`run_label`, which also knows whether the strategy used a teacher at all."""
     get = choices.get if hasattr(choices, "get") else (lambda k: None)
     label = str(get("distill"))
-    transform = get("distill/teacher_transform")
-    if transform not in (None, "null", "none"):
-        label += f"+{transform}"
+    for group in ("distill/teacher_transform", "distill/logit_transform"):
+        transform = get(group)
+        if transform not in (None, "null", "none"):
+            label += f"+{transform}"
+    if get("optim") in METHOD_OPTIMISERS:  # distill=kd optim=dot → kd+dot
+        label += f"+{get('optim')}"
     teacher = get("teacher")
     if teacher not in (None, "net") and str(teacher) != label:
         label += f"@{teacher}"

@@ -78,12 +78,9 @@ def compute(strategy_for) -> dict:
         method = case.split("_")[0]
         torch.manual_seed(3)
         strat = strategy_for(method, extra)
-        strat.build_feature_modules([f.shape for f in t_feats], [f.shape for f in s_feats])
+        strat.build_feature_modules({"blocks": [f.shape for f in t_feats]}, {"blocks": [f.shape for f in s_feats]})
         strat.train()
-        terms = strat(
-            ModelOutput(z_s.clone(), {f"s{i}": f for i, f in enumerate(s_feats)}),
-            ModelOutput(z_t.clone(), {f"t{i}": f for i, f in enumerate(t_feats)}), batch, 1,
-        )
+        terms = strat(ModelOutput(z_s.clone(), {"blocks": s_feats}), ModelOutput(z_t.clone(), {"blocks": t_feats}), batch, 1)
         out[f"{case}@1"] = {k: _round(v) for k, v in terms.items()}
     out.update(nayer_numbers(strategy_for))
     return out

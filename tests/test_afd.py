@@ -258,13 +258,13 @@ def test_afd_term_matches_module_on_captured_features(tmp_path):
     with torch.no_grad():
         module.training_step((x, y, idx), 0)
         s, t = captured["s"], captured["t"]
-        assert list(s.features) == ["layer1.0", "layer2.0", "layer3.0"] == list(t.features)
+        assert list(s.taps) == ["blocks"] == list(t.taps) and len(s.taps["blocks"]) == 3 == len(t.taps["blocks"])
         # the student features are those of this forward (train mode, batch statistics)
-        assert torch.allclose(s.features["layer2.0"], _tap(module.student, "layer2.0", x))
+        assert torch.allclose(s.taps["blocks"][1], _tap(module.student, "layer2.0", x))
         ref = strategy(s, t, Batch(x, y, idx), 1)["afd"]  # BN of the AFD module in train mode: batch stats
-        assert float(ref) == pytest.approx(3.0 * float(strategy.feature_loss(t.feature_list, s.feature_list)), rel=1e-6)
+        assert float(ref) == pytest.approx(3.0 * float(strategy.feature_loss(t.taps["blocks"], s.taps["blocks"])), rel=1e-6)
         # the teacher features are those of the frozen teacher in eval mode
-        assert torch.allclose(t.features["layer3.0"], _tap(module.teacher.net, "layer3.0", x))
+        assert torch.allclose(t.taps["blocks"][2], _tap(module.teacher.net, "layer3.0", x))
 
 
 def _tap(net, name, x):

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from omegaconf import OmegaConf
 
 from conftest import compose_cfg, distill_module
 from kdx.errors import ConfigError

@@ -5,7 +5,6 @@ import json
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
 from kdx.config import resolved, validate

@@ -1,11 +1,11 @@
-"""DOT optimiser (kdx.optim_dot): hand-computed steps and the official optimiser's trajectory."""
+"""DOT optimiser (kdx.optimizers): hand-computed steps and the official optimiser's trajectory."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdx.optim_dot import DOT
+from kdx.optimizers import DOT
 
 
 def _iteration(opt: DOT, loss_kd: torch.Tensor, loss_ce: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kdx.distill.ofd import OFDConnectors, ofd_loss, ofd_margin, ofd_stages_loss
 

@@ -111,7 +111,7 @@ def test_pseudo_teacher_logits_reproduce_q_of_the_label(tmp_path, T):
     teacher = ReffAKDTeacher(artifact=str(write_artifact(tmp_path, Q)), temperature=T, num_classes=6)
     y = torch.tensor([0, 3, 5, 3])
     out = teacher(torch.zeros(4, 3, 8, 8), y, torch.arange(4))
-    assert out.logits.shape == (4, 6) and out.features == {}
+    assert out.logits.shape == (4, 6) and out.taps == {}
     assert torch.allclose(out.logits / T, torch.log(Q[y]).float(), atol=1e-6)
     assert torch.allclose(torch.softmax(out.logits / T, dim=1).double(), Q[y], atol=1e-6)
     assert not teacher.measures_accuracy and list(teacher.parameters()) == []

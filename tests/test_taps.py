@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from conftest import TINY, compose_cfg
 from kdx.errors import ConfigError
-from kdx.features import FeatureTaps, check_taps, feature_shapes, model_taps, tokens_to_map
-from kdx.models import create_model
+from kdx.features import FeatureTaps, check_taps, feature_shapes, model_tap_sets, tokens_to_map
+from kdx.models import create_model, default_taps
 from kdx.run import build_job as build
 
 
@@ -38,29 +38,39 @@ def stages(chs, n, hw=(32, 16, 8)):
 )
 def test_zoo_tap_shapes(name, expected):
     model = create_model(name, num_classes=100)
-    taps = FeatureTaps(model)
+    taps = FeatureTaps(model, default_taps(model))
     assert [tuple(s) for s in feature_shapes(model, taps, (3, 32, 32))] == expected
     assert model.training  # the dry forward restores the mode
 
 
-def test_every_zoo_model_has_valid_default_taps():
+def test_every_zoo_model_has_valid_tap_sets_and_a_classifier():
     from kdx.models import list_models
 
     for name in list_models():
         model = create_model(name, num_classes=10)
-        check_taps(model, model_taps(model), "model.taps")
+        sets = model_tap_sets(model)
+        assert {"blocks", "feats", "pooled_feat", "final_map"} <= set(sets), name
+        for key, taps in sets.items():
+            check_taps(model, taps, f"model.taps.{key}")
+        pooled, final = FeatureTaps(model, sets["pooled_feat"]), FeatureTaps(model, sets["final_map"])
+        x = torch.randn(2, 3, 32, 32)
+        with pooled.capture() as p, final.capture() as f:
+            logits = model.eval()(x)
+        (p,), (f,) = p.values(), f.values()
+        assert torch.allclose(model.get_classifier()(p), logits, atol=1e-5)  # pooled feature → classifier → logits
+        assert p.shape == (2, f.shape[1]) and torch.allclose(f.mean((2, 3)), p, atol=1e-5), name  # final map → pool
 
 
 def test_resnet110_config_taps_every_other_block(tmp_path):
     cfg = compose_cfg(["model=resnet110"], tmp_path)
     model = instantiate(cfg.model, num_classes=100)
-    taps = model_taps(model)
+    taps = model_tap_sets(model)["blocks"]
     assert len(taps) == 27 and taps[0] == "layer1.1" and taps[-1] == "layer3.17"  # AFD indices 2,4,...,54
     blocks = [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(18)]
     assert taps == blocks[1::2]
-    shapes = feature_shapes(model, FeatureTaps(model), (3, 32, 32))
+    shapes = feature_shapes(model, FeatureTaps(model, taps), (3, 32, 32))
     assert [tuple(s) for s in shapes] == stages([16, 32, 64], 9)
-    assert len(model_taps(create_model("resnet110", num_classes=100))) == 54  # model.taps=null: every block
+    assert len(default_taps(create_model("resnet110", num_classes=100))) == 54  # model.taps=null: every block
 
 
 def test_taps_equal_the_hooked_computation():
@@ -68,7 +78,7 @@ def test_taps_equal_the_hooked_computation():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     res = create_model("resnet20", num_classes=10).eval()
-    taps = FeatureTaps(res)
+    taps = FeatureTaps(res, default_taps(res))
     with torch.no_grad(), taps.capture() as f:
         res(x)
     h = res.relu(res.bn1(res.conv1(x)))
@@ -78,7 +88,7 @@ def test_taps_equal_the_hooked_computation():
     assert (f["layer3.2"] >= 0).all()
 
     wrn = create_model("wrn_16_2", num_classes=10).eval()
-    taps = FeatureTaps(wrn)
+    taps = FeatureTaps(wrn, default_taps(wrn))
     assert taps.names == ["block1.layer.1.relu1", "block2.layer.0.relu1", "block2.layer.1.relu1",
                           "block3.layer.0.relu1", "block3.layer.1.relu1", "relu"]
     with torch.no_grad():
@@ -93,7 +103,7 @@ def test_taps_equal_the_hooked_computation():
 
 def test_timm_cnn_taps():
     model = create_model("timm/resnet18", num_classes=10)
-    taps = FeatureTaps(model)
+    taps = FeatureTaps(model, default_taps(model))
     assert taps.names == ["act1", "layer1", "layer2", "layer3", "layer4"]
     shapes = [tuple(s) for s in feature_shapes(model, taps, (3, 32, 32))]
     assert shapes == [(2, 64, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2), (2, 512, 1, 1)]
@@ -101,7 +111,7 @@ def test_timm_cnn_taps():
 
 def test_timm_vit_tokens_become_maps():
     model = create_model("timm/vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
-    taps = FeatureTaps(model)
+    taps = FeatureTaps(model, default_taps(model))
     assert taps.names == ["blocks.0", "blocks.1"]
     assert [tuple(s) for s in feature_shapes(model, taps, (3, 32, 32))] == [(2, 192, 8, 8)] * 2
     # the map is the patch tokens (class token dropped) in row-major grid order
@@ -120,7 +130,7 @@ def test_timm_vit_tokens_become_maps():
 
 def test_nothing_is_kept_between_steps_or_outside_a_capture():
     model = create_model("resnet8", num_classes=10)
-    taps = FeatureTaps(model)
+    taps = FeatureTaps(model, default_taps(model))
     x = torch.randn(2, 3, 32, 32)
     with taps.capture() as first:
         model(x)
@@ -174,18 +184,32 @@ def test_unknown_tap_lists_valid_names():
 
 @pytest.mark.parametrize("setting", ["model.taps", "teacher.model.taps"])
 def test_unknown_tap_stops_the_run_at_start_up(tmp_path, setting):
-    with pytest.raises(ConfigError, match=setting.replace(".", r"\.") + ".*'nope'"):
-        build(compose_cfg(TINY + ["distill=afd", f"{setting}=[layer1.0,nope]"], tmp_path))
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.") + r"\.blocks.*'nope'"):
+        build(compose_cfg(TINY + ["distill=afd", f"{setting}={{blocks: [layer1.0, nope]}}"], tmp_path))
     assert not (tmp_path / "teachers").exists(), "the error must come before a teacher is trained"
 
 
+def test_a_missing_tap_set_names_the_strategy_and_the_setting():
+    """A strategy that reads a tap set a model does not declare stops at start-up, naming both (here a user's
+    model without tap sets; MobileNetV2 has no preact_feats, as mdistiller's)."""
+    from kdx.distill.afd import AFDStrategy
+    from kdx.features import attach_feature_taps
+
+    user_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(ConfigError, match=r"AFDStrategy reads the tap set\(s\) \['blocks'\] of model .*model\.taps="):
+        attach_feature_taps(AFDStrategy(), user_model, None, (3, 32, 32))
+    assert "preact_feats" not in model_tap_sets(create_model("mobile_half", num_classes=10))
+    with pytest.raises(ConfigError, match="model.taps="):
+        create_model("resnet8", num_classes=10, taps=["layer1.0"])  # a plain list: which set?
+
+
 def test_model_taps_override_reaches_the_strategy(tmp_path):
-    over = ["distill=rtk", "model.taps=[layer2.0,layer3.0]", "teacher.model.taps=[layer3.0]"]
+    over = ["distill=rtk", "model.taps={blocks: [layer2.0, layer3.0]}", "teacher.model.taps={blocks: [layer3.0]}"]
     job = build(compose_cfg(TINY + over, tmp_path))
     rtk = job.module.strategy.feature_loss
     assert rtk.s_shapes == [(32, 16, 16), (64, 8, 8)] and rtk.t_shapes == [(64, 8, 8)]
-    assert job.module.step_parts.student_taps.names == ["layer2.0", "layer3.0"]
-    assert job.module.step_parts.teacher_taps.names == ["layer3.0"]
+    assert job.module.step_parts.student_taps.sets == {"blocks": ["layer2.0", "layer3.0"]}
+    assert job.module.step_parts.teacher_taps.sets == {"blocks": ["layer3.0"]}
 
 
 def test_no_hooks_without_a_feature_strategy(tmp_path):
@@ -224,7 +248,7 @@ def test_training_captures_and_evaluation_does_not(tmp_path):
     assert seen["train"] == [True] * n_train
     assert seen["eval"] and not any(seen["eval"])  # sanity check, validation and test: no capture
     assert seen["teacher"].count(True) == n_train  # the teacher's forward in training steps only
-    assert module.step_parts.student_taps._store is None and module.step_parts.teacher_taps._store is None
+    assert not module.step_parts.student_taps.capturing and not module.step_parts.teacher_taps.capturing
 
 
 def test_taps_under_torch_compile():
@@ -232,7 +256,7 @@ def test_taps_under_torch_compile():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10)
-    taps = FeatureTaps(model)
+    taps = FeatureTaps(model, default_taps(model))
     x = torch.randn(4, 3, 32, 32)
     with taps.capture() as eager:
         model(x)

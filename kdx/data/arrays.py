@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdx.data.augment import apply_crop_flip, crop_flip_params, draw_view, normalize, view_params
 from kdx.data.base import BaseDataModule
 from kdx.data.datasets import ArrayDataset, DeviceBatches, SplitArrays
+from kdx.data.strong_augment import strong_view
 
 
 class ArrayDataModule(BaseDataModule):
@@ -32,6 +33,7 @@ class ArrayDataModule(BaseDataModule):
 
     in_memory = True
     supports_stored_views = True
+    supported_views = frozenset({"strong"})
     _arrays: SplitArrays | None = None
     #: number of stored views per sample (0: a fresh crop/flip every epoch)
     views: int = 0
@@ -134,6 +136,13 @@ class ArrayDataModule(BaseDataModule):
             return self.transform_batch(batch, train=False)
         return self.augment_batch(batch, self.view_crop_flip(view, batch[2]))
 
+    def extra_views(self, batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+        """The requested extra views of a uint8 batch (normalised): ``strong`` = MLKD's official strong view (crop +
+        flip + RandAugment(2) + Cutout, a function of (seed, epoch, idx): :mod:`kdx.data.strong_augment`)."""
+        x, _, idx = batch
+        return {name: normalize(strong_view(x, self.seed, epoch, idx, self.pad), self.mean, self.std)
+                for name in self.extra_view_names}
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x = batch[0]
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
@@ -141,7 +150,10 @@ class ArrayDataModule(BaseDataModule):
         trainer = self.trainer
         train = trainer is not None and bool(trainer.training)
         epoch = int(trainer.current_epoch) if trainer is not None else 0
-        return self.transform_batch(batch, train=train, epoch=epoch)
+        out = self.transform_batch(batch, train=train, epoch=epoch)
+        if train and self.extra_view_names:
+            return (*out, self.extra_views(batch, epoch))
+        return out
 
 
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from kdx.data.sampler import EpochBatchSampler
+from kdx.errors import ConfigError
 from kdx.data.splits import resolve_amount, stratified_split
 
 
@@ -66,6 +67,8 @@ class BaseDataModule(LightningDataModule):
     hflip: ClassVar[bool] = True
     #: the side the transforms resize to (image folders); None: the images' own size
     image_size: Optional[int] = None
+    #: extra augmented views of a training sample this datamodule can give (``Strategy.views``: "strong")
+    supported_views: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class BaseDataModule(LightningDataModule):
         self.test_subset = test_subset
         self.drop_last = bool(drop_last)
         self.on_device = bool(on_device)
+        self.extra_view_names: tuple[str, ...] = ()  # request_views()
 
         self._num_classes: int | None = None
         self._class_names: list[str] | None = None
@@ -261,9 +265,25 @@ class BaseDataModule(LightningDataModule):
         """A loader's batch as the model sees it; here the datasets already transformed it (image folders)."""
         return batch
 
+    def request_views(self, names: tuple[str, ...], who: str = "the strategy") -> None:
+        """Give every training batch these extra views of its samples (``(x, y, idx, {name: images})``)."""
+        missing = [n for n in names if n not in self.supported_views]
+        if missing:
+            raise ConfigError(
+                f"{who} needs the {missing} view(s) of every training sample, which data={self.name} "
+                f"({type(self).__name__}) cannot give (it gives {sorted(self.supported_views) or 'none'}). Use an "
+                "array dataset (cifar10, cifar100, svhn, fashion_mnist, synthetic, array files) or another method."
+            )
+        self.extra_view_names = tuple(names)
+
     def use_stored_views(self, views: int) -> None:
         """Draw each epoch's augmentation from ``views`` fixed views per sample (``supports_stored_views`` only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot show stored views (teacher_cache=augmented)")
+
+    def train_labels(self) -> torch.Tensor:
+        """The label of every training sample by its index (``batch.idx``), int64."""
+        self.setup()
+        return torch.as_tensor(self.train_dataset.labels, dtype=torch.int64)
 
     def train_fingerprint(self) -> str:
         """A hash of the training split's contents (the teacher-logit cache's key)."""

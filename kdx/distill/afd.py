@@ -37,7 +37,7 @@ def chw(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3:
         raise ValueError(
             f"AFD/RTK need 4-D feature maps B×C×H×W, got a tap of shape {shape}: choose conv-map taps "
-            "(model.taps / teacher.model.taps); ViT token taps are reshaped to maps automatically."
+            "(model.taps.blocks / teacher.model.taps.blocks); ViT token taps are reshaped to maps automatically."
         )
     return shape  # type: ignore[return-value]
 
@@ -158,7 +158,7 @@ class AFDStrategy(Strategy):
     autocast off, whatever the training precision.
     """
 
-    needs_features = True
+    student_taps = teacher_taps = ("blocks",)  # every residual block (docs/methods.md, AFD)
     term = "afd"
 
     def __init__(self, beta: float = 200.0, qk_dim: int = 128, temperature: float = 4.0, w_ce: float = 1.0,
@@ -175,7 +175,7 @@ class AFDStrategy(Strategy):
         return AFD(teacher_shapes, student_shapes, self.qk_dim)
 
     def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
-        self.feature_loss = self.make_feature_loss(teacher_shapes, student_shapes)
+        self.feature_loss = self.make_feature_loss(teacher_shapes["blocks"], student_shapes["blocks"])
 
     def loss_terms(self, student, teacher, batch, epoch):
         if self.feature_loss is None:
@@ -183,12 +183,10 @@ class AFDStrategy(Strategy):
                 f"{type(self).__name__} has no attention module yet: call build_feature_modules(teacher_shapes, "
                 "student_shapes) first (kdx.build.build does, from the feature taps)."
             )
-        if not teacher.features or not student.features:
+        if not teacher.taps.get("blocks") or not student.taps.get("blocks"):
             raise RuntimeError(f"distill={self.term} got no features: the feature taps were not captured")
         with torch.autocast(device_type=batch.x.device.type, enabled=False):
-            feat = self.feature_loss(
-                [f.float() for f in teacher.feature_list], [f.float() for f in student.feature_list]
-            )
+            feat = self.feature_loss([f.float() for f in teacher.taps["blocks"]], [f.float() for f in student.taps["blocks"]])
         return {
             "ce": self.w_ce * F.cross_entropy(student.logits, batch.y),
             "kd": self.w_kd * kd_loss(student.logits, teacher.logits, self.temperature),

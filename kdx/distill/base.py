@@ -1,17 +1,16 @@
 """The seams every method plugs into.
 
-- :class:`ModelOutput`: what a network (student or teacher) gives a strategy: logits and,
-  when a strategy asks for taps, a dict of named intermediate features.
-- :class:`Strategy`: ``(student_out, teacher_out, batch, epoch) -> {term: weighted loss}``. It
-  may own trainable modules (their parameters join the student's optimiser), ask for the
-  student's and the teacher's tapped features (``needs_features``), build modules whose shapes
-  depend on those features (``build_feature_modules``), and hold a transform of teacher logits
-  (identity by default).
+- :class:`Batch`: a training batch (images, labels, sample indices, and the extra augmented views a strategy
+  asked for).
+- :class:`ModelOutput`: what a network (student or teacher) gives a strategy: logits, the tap sets the strategy
+  reads, its logits on the extra views, and its classifier when the strategy asks for it.
+- :class:`Strategy`: ``(student_out, teacher_out, batch, epoch) -> {term: weighted loss}``. What the
+  orchestration reads from a strategy is declared on this class with its default (see :class:`Strategy`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
+from typing import Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -19,54 +18,103 @@ from torch import Tensor
 
 
 class Batch(NamedTuple):
-    """A training batch: images, int64 labels and int64 sample indices of the split."""
+    """A training batch: images, int64 labels, int64 sample indices of the split, and the extra augmented views of
+    the same samples that the strategy declares (``Strategy.views``: ``{"strong": images}`` for MLKD)."""
 
     x: Tensor
     y: Tensor
     idx: Tensor
+    views: Mapping[str, Tensor] = {}
 
 
 @dataclass
 class ModelOutput:
-    """Logits and, for strategies with ``needs_features``, the tapped features in tap order."""
+    """A network's output as a strategy sees it.
+
+    - ``logits``: on ``batch.x``;
+    - ``taps``: ``{set: [feature, ...]}``, the tap sets the strategy reads from this network
+      (``Strategy.student_taps`` / ``teacher_taps``; see :mod:`kdx.features`);
+    - ``views``: logits on each extra view of the batch (``Strategy.views``);
+    - ``head``: the network's classifier (``Strategy.needs_head``), e.g. for logits of pooled regions (SDD).
+    """
 
     logits: Tensor
-    features: dict[str, Tensor] = field(default_factory=dict)
+    taps: dict[str, list[Tensor]] = field(default_factory=dict)
+    views: dict[str, Tensor] = field(default_factory=dict)
+    head: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a strategy may need from the training data at build time (:meth:`Strategy.attach_data`)."""
+
+    num_classes: int
+    train_labels: Tensor  # int64 [N]: the label of each training sample, by its index (batch.idx)
+    seed: int  # the run's seed: per-sample random draws are functions of (seed, epoch, idx)
 
     @property
-    def feature_list(self) -> list[Tensor]:
-        return list(self.features.values())
+    def train_size(self) -> int:
+        return int(self.train_labels.shape[0])
 
 
 TeacherTransform = Callable[[Tensor, Tensor], Tensor]
+LogitTransform = Callable[[Tensor], Tensor]
 
 
 class Strategy(nn.Module):
-    """Base class of distillation strategies.
+    """Base class of distillation strategies. Subclasses implement :meth:`loss_terms`.
 
-    Subclasses implement :meth:`loss_terms`. What the orchestration reads, declared here with its default:
+    What the orchestration reads, declared here with its default:
 
-    - ``needs_teacher``: whether the run needs a teacher (False for plain CE: the run then trains a
-      network from labels, and its model may become a stored teacher).
-    - ``needs_features``: whether ``student.features`` / ``teacher.features`` must hold the
-      models' tapped features (``model.taps`` / ``teacher.model.taps``, else each model's
-      defaults; see :mod:`kdx.features`). False for logit methods: no hooks are registered then.
-    - ``regime``: the training regime that runs the strategy (``module=distill``; data-free strategies
-      declare ``datafree``); the composition root refuses a mismatch.
+    - ``needs_teacher``: whether the run needs a teacher (False for plain CE: the run then trains a network from
+      labels, and its model may become a stored teacher).
+    - ``regime``: the training regime that runs the strategy (``module=distill``; data-free strategies declare
+      ``datafree``); the composition root refuses a mismatch.
+    - ``student_taps`` / ``teacher_taps``: the tap sets the strategy reads from each network (``("blocks",)`` for
+      AFD; ``("feats",)``, ``("preact_feats",)``, ``("pooled_feat",)`` ... for the mdistiller family; see
+      :mod:`kdx.features`). Nothing is hooked for a logit method (``needs_features`` is then False).
+    - ``views``: extra augmented views of every training sample the strategy needs, each seen by both networks
+      (``("strong",)`` for MLKD); the datamodule must provide them.
+    - ``needs_head``: whether the strategy needs each network's classifier (``ModelOutput.head``).
+    - ``task_terms``: the names of the task (label) terms; every other term is distillation (``optim=dot`` steps
+      on the two parts separately).
+    - ``supports_ddp``: False for a strategy with state that DDP ranks would have to share (a memory bank);
+      the run then stops under several processes instead of training wrong.
+    - ``teacher_bn_batch_stats``: True when the method's official code runs the teacher's BatchNorm layers with
+      batch statistics (the teacher left in train mode, e.g. mdistiller's OFD); kdx's teacher is otherwise
+      always in eval mode. An instance attribute a strategy may set from a switch.
 
-    A strategy with ``needs_features`` gets :meth:`build_feature_modules` called once at build
-    time, with the feature shapes from a dry forward, before the optimiser exists (so the
-    modules it builds are trained with the student; the runner builds them after seeding, so
-    every DDP rank builds the same ones).
+    Transforms: ``teacher_transform`` ``(logits_teacher, target) -> logits`` on the teacher's side (TopKD's TSM),
+    applied by the step before the loss; ``logit_transform`` ``logits -> logits`` on both sides (logit
+    standardisation), applied by a logit strategy to the inputs of its distillation terms
+    (:meth:`transform_logits`), never to its cross-entropy. Both are identity by default.
+
+    Hooks at build time (after seeding, before the optimiser exists, so what they build trains with the student
+    and every DDP rank builds the same): :meth:`attach_data` (the training labels, e.g. CRD's negatives by
+    class), :meth:`attach_networks` (the networks themselves, e.g. OFD's margins from the teacher's BN
+    statistics), then :meth:`build_feature_modules` (with the tapped shapes).
     """
 
     needs_teacher: ClassVar[bool] = True
-    needs_features: ClassVar[bool] = False
     regime: ClassVar[str] = "distill"
+    student_taps: ClassVar[tuple[str, ...]] = ()
+    teacher_taps: ClassVar[tuple[str, ...]] = ()
+    views: ClassVar[tuple[str, ...]] = ()
+    needs_head: ClassVar[bool] = False
+    task_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
+    supports_ddp: ClassVar[bool] = True
+    teacher_bn_batch_stats: bool = False
 
-    def __init__(self, teacher_transform: Optional[TeacherTransform] = None) -> None:
+    def __init__(self, teacher_transform: Optional[TeacherTransform] = None,
+                 logit_transform: Optional[LogitTransform] = None) -> None:
         super().__init__()
         self.teacher_transform = teacher_transform
+        self.logit_transform = logit_transform
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether any network is tapped (feature hooks are registered only then)."""
+        return bool(self.student_taps or self.teacher_taps)
 
     def transform_teacher(self, logits_teacher: Tensor, target: Tensor) -> Tensor:
         """Teacher logits as the loss should see them (TopKD's scaling plugs in here)."""
@@ -74,10 +122,22 @@ class Strategy(nn.Module):
             return logits_teacher
         return self.teacher_transform(logits_teacher, target)
 
-    def build_feature_modules(
-        self, teacher_shapes: Sequence[torch.Size], student_shapes: Sequence[torch.Size]
-    ) -> None:
-        """Build the shape-dependent modules (shapes are ``B×C×H×W`` of each tap, in tap order)."""
+    def transform_logits(self, logits_student: Tensor, logits_teacher: Tensor) -> tuple[Tensor, Tensor]:
+        """The inputs of a distillation term: both sides through ``logit_transform`` (identity by default)."""
+        if self.logit_transform is None:
+            return logits_student, logits_teacher
+        return self.logit_transform(logits_student), self.logit_transform(logits_teacher)
+
+    def attach_data(self, info: DataInfo) -> None:
+        """Read what the training data decide (its size, the labels by sample index)."""
+
+    def attach_networks(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        """Read what the networks decide (``teacher`` is the teacher's network, None for a label table); nothing
+        read here may be kept as a submodule (the teacher must stay outside the optimiser and checkpoints)."""
+
+    def build_feature_modules(self, teacher_shapes: dict[str, list[torch.Size]],
+                              student_shapes: dict[str, list[torch.Size]]) -> None:
+        """Build the shape-dependent modules: ``{set: [B×C×H×W or B×C shape, ...]}`` of each tapped network."""
 
     def loss_terms(
         self, student: ModelOutput, teacher: Optional[ModelOutput], batch: Batch, epoch: int

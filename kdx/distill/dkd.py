@@ -19,13 +19,15 @@ class DKD(Strategy):
         w_ce: float = 1.0,
         warmup: int = 20,
         teacher_transform=None,
+        logit_transform=None,
     ) -> None:
-        super().__init__(teacher_transform)
+        super().__init__(teacher_transform, logit_transform)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.w_ce, self.warmup = w_ce, warmup
 
     def loss_terms(self, student, teacher, batch, epoch):
-        tckd, nckd = dkd_terms(student.logits, teacher.logits, batch.y, self.temperature)
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)  # LS: before T and the target mask
+        tckd, nckd = dkd_terms(z_s, z_t, batch.y, self.temperature)
         w = warmup_factor(epoch, self.warmup)
         return {
             "ce": self.w_ce * F.cross_entropy(student.logits, batch.y),

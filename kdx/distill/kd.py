@@ -13,15 +13,17 @@ from kdx.distill.losses import kd_loss
 
 class KD(Strategy):
     def __init__(
-        self, temperature: float = 4.0, w_ce: float = 0.1, w_kd: float = 0.9, teacher_transform=None
+        self, temperature: float = 4.0, w_ce: float = 0.1, w_kd: float = 0.9, teacher_transform=None,
+        logit_transform=None,
     ) -> None:
-        super().__init__(teacher_transform)
+        super().__init__(teacher_transform, logit_transform)
         self.temperature = temperature
         self.w_ce = w_ce
         self.w_kd = w_kd
 
     def loss_terms(self, student, teacher, batch, epoch):
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
         return {
             "ce": self.w_ce * F.cross_entropy(student.logits, batch.y),
-            "kd": self.w_kd * kd_loss(student.logits, teacher.logits, self.temperature),
+            "kd": self.w_kd * kd_loss(z_s, z_t, self.temperature),
         }

@@ -55,3 +55,16 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
     mean = z.mean(dim=-1, keepdim=True)
     std = z.std(dim=-1, keepdim=True)
     return (z - mean) / (eps + std)
+
+
+class Standardize:
+    """LS as a logit transform on both sides (``distill/logit_transform=ls``): ``standardize`` with its ``eps``."""
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        self.eps = float(eps)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return standardize(logits, self.eps)
+
+    def __repr__(self) -> str:
+        return f"Standardize(eps={self.eps})"

@@ -227,8 +227,9 @@ class TopKD(Strategy):
         tdl_teacher: str = "scaled",
         tdl_sign_split: bool = False,
         teacher_transform=None,
+        logit_transform=None,
     ) -> None:
-        super().__init__(teacher_transform)
+        super().__init__(teacher_transform, logit_transform)
         if isinstance(k, bool) or int(k) != k or int(k) < 1:
             raise ValueError(f"distill.k={k!r}: K must be a positive integer.")
         if tau <= 0:
@@ -242,4 +243,9 @@ class TopKD(Strategy):
         )
 
     def loss_terms(self, student, teacher, batch, epoch):
-        return topkd_loss(student.logits, teacher.logits, batch.y, **self.knobs)
+        if self.logit_transform is None:
+            return topkd_loss(student.logits, teacher.logits, batch.y, **self.knobs)
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
+        terms = topkd_loss(z_s, z_t, batch.y, **self.knobs)  # the contrastive and decoupled terms on LS logits
+        terms["ce"] = self.knobs["w_ce"] * F.cross_entropy(student.logits.float(), batch.y)  # the CE on raw logits
+        return terms

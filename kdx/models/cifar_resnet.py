@@ -74,6 +74,7 @@ class CifarResNet(nn.Module):
             "feats": ["relu", "layer1", "layer2", "layer3"],
             "preact_feats": ["relu"] + [f"{b}.relu:in" for b in last],
             "pooled_feat": ["fc:in"],
+            "final_map": ["avgpool:in"],
         }
         self.bn_before_relu = [f"{b}.bn2" for b in last]
 
@@ -83,6 +84,10 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.fc
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

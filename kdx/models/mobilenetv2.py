@@ -74,6 +74,7 @@ class MobileNetV2(nn.Module):
             "blocks": list(self.default_taps),
             "feats": ["conv1"] + [f"blocks.{i}" for i in stages],
             "pooled_feat": ["classifier:in"],
+            "final_map": ["avgpool:in"],
         }
         self.bn_before_relu = [f"blocks.{i}.{len(blocks[i]) - 1}.conv.7" for i in stages]
 
@@ -87,6 +88,10 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.classifier
 
     def forward(self, x):
         x = self.conv1(x)

@@ -1,16 +1,21 @@
 """Model registry: `create_model`, `list_models`, `default_taps`.
 
+Every model returns logits from `forward` and declares where its feature tap sets are (`tap_sets`, see
+`kdx.features`) and its classifier (`get_classifier()`, timm's interface).
+
 Zoo names are exact (case-sensitive); `timm/<name>` builds any timm model.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
 from . import cifar_resnet, mobilenetv2, resnet_cifar_stem, shufflenet, vgg, wrn
-from .timm_models import create_timm_model, timm_default_taps
+from kdx.errors import ConfigError
+
+from .timm_models import create_timm_model
 
 TIMM_PREFIX = "timm/"
 
@@ -38,12 +43,13 @@ def list_models() -> list[str]:
     return sorted(_ZOO)
 
 
-def create_model(name: str, num_classes: int, taps: Optional[Sequence[str]] = None, **kw) -> nn.Module:
+def create_model(name: str, num_classes: int, taps: Optional[Mapping[str, Sequence[str]]] = None,
+                 **kw) -> nn.Module:
     """Build zoo model `name` (or `timm/<timm name>`) with a `num_classes`-way classifier.
 
-    `taps` (config `model.taps`): the feature tap points of this model (module names) for
-    feature strategies (AFD/RTK); None keeps the model's defaults. Set as `model.taps`; the
-    names are checked when a strategy asks for features (see `kdx.features`).
+    `taps` (config `model.taps`): tap sets that replace the model's own, `{set: [module name, ...]}` (e.g.
+    `{blocks: [layer2.0, layer3.0]}`); None keeps the model's. The names are checked when a strategy reads the
+    set (see `kdx.features`).
 
     Zoo models take no other options apart from `pretrained=False` (they have no pretrained
     weights; teachers are loaded from checkpoints). For `timm/...`, `pretrained` and any other
@@ -51,7 +57,13 @@ def create_model(name: str, num_classes: int, taps: Optional[Sequence[str]] = No
     """
     model = _create(name, num_classes, **kw)
     if taps is not None:
-        model.taps = [taps] if isinstance(taps, str) else [str(t) for t in taps]
+        if not isinstance(taps, Mapping):
+            raise ConfigError(
+                f"model.taps={list(taps) if not isinstance(taps, str) else taps!r}: give tap sets by name, e.g. "
+                f"model.taps={{blocks: [{', '.join(map(str, taps if not isinstance(taps, str) else [taps]))}]}} "
+                "(blocks: AFD/RTK; feats, preact_feats, pooled_feat, final_map: the mdistiller family)."
+            )
+        model.taps = {str(k): [v] if isinstance(v, str) else [str(t) for t in v] for k, v in taps.items()}
     return model
 
 
@@ -72,10 +84,5 @@ def _create(name: str, num_classes: int, **kw) -> nn.Module:
 
 
 def default_taps(model: nn.Module) -> list[str]:
-    """Default feature tap points of `model`, as keys of `dict(model.named_modules())`.
-
-    (`kdx.features.model_taps(model)` gives the configured `model.taps` when set, else these.)"""
-    taps = getattr(model, "default_taps", None)
-    if taps is not None:
-        return list(taps)
-    return timm_default_taps(model)
+    """The model's own `blocks` tap set (every residual block: AFD/RTK), as keys of `dict(model.named_modules())`."""
+    return list(model.tap_sets["blocks"])

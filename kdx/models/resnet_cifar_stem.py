@@ -90,6 +90,7 @@ class ResNetCifarStem(nn.Module):
             "feats": ["relu", "layer1", "layer2", "layer3", "layer4"],
             "preact_feats": ["relu"] + [f"{b}.relu:in" for b in last],
             "pooled_feat": ["linear:in"],
+            "final_map": ["avgpool:in"],
         }
         self.bn_before_relu = [f"{b}.{'bn3' if block is Bottleneck else 'bn2'}" for b in last]
 
@@ -99,6 +100,10 @@ class ResNetCifarStem(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.linear
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

@@ -42,6 +42,7 @@ def _tap_sets(blocks: list[str], last: list[int]) -> dict[str, list[str]]:
         "feats": ["relu", "layer1", "layer2", "layer3"],
         "preact_feats": ["relu"] + [f"layer{s}.{i}.relu:in" for s, i in enumerate(last, start=1)],
         "pooled_feat": ["linear:in"],
+        "final_map": ["avgpool:in"],
     }
 
 
@@ -87,6 +88,10 @@ class ShuffleNetV1(nn.Module):
         self.default_taps = [f"layer{s}.{i}" for s, n in enumerate(num_blocks, start=1) for i in range(n)]
         self.tap_sets = _tap_sets(self.default_taps, [n - 1 for n in num_blocks])
         self.bn_before_relu = None
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.linear
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -163,6 +168,10 @@ class ShuffleNetV2(nn.Module):
         self.default_taps = [f"layer{s}.{i}" for s, n in enumerate(num_blocks, start=1) for i in range(n + 1)]
         self.tap_sets = _tap_sets(self.default_taps, list(num_blocks))
         self.bn_before_relu = None
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.linear
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

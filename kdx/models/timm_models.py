@@ -40,17 +40,25 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **r
             f"access (e.g. `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) "
             "into the HF cache (HF_HOME / HF_HUB_CACHE) that this run uses."
         ) from e
-    model.default_taps = timm_default_taps(model)
+    model.tap_sets = timm_tap_sets(model)
     return model
 
 
-def timm_default_taps(model: nn.Module) -> list[str]:
+def timm_tap_sets(model: nn.Module) -> dict[str, list[str]]:
+    """Tap sets of a timm model: `blocks` and `feats` from its stages (`feature_info`; a ViT's `blocks.i`),
+    `final_map` = the last stage (a CNN), `pooled_feat` = the input of its classifier. There is no
+    `preact_feats`: a strategy that reads it stops at start-up (set `model.taps.preact_feats=[...]`)."""
+    sets: dict[str, list[str]] = {}
     blocks = getattr(model, "blocks", None)
     if hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        return [f"blocks.{i}" for i in range(len(blocks))]
-    info = getattr(model, "feature_info", None)
-    if info is None:
-        raise ValueError(f"{type(model).__name__} has no `feature_info`; pass the tap module names explicitly")
-    if hasattr(info, "module_name"):  # timm FeatureInfo object (features_only models)
-        return list(info.module_name())
-    return [d["module"] for d in info]
+        sets["blocks"] = sets["feats"] = [f"blocks.{i}" for i in range(len(blocks))]
+    else:
+        info = getattr(model, "feature_info", None)
+        if info is not None:
+            stages = list(info.module_name()) if hasattr(info, "module_name") else [d["module"] for d in info]
+            sets["blocks"], sets["feats"], sets["final_map"] = stages, list(stages), stages[-1:]
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    modules = dict(model.named_modules())
+    if isinstance(head, str) and head in modules and isinstance(modules[head], nn.Linear):
+        sets["pooled_feat"] = [f"{head}:in"]
+    return sets

@@ -58,6 +58,7 @@ class VGG(nn.Module):
             "feats": list(self.default_taps),
             "preact_feats": ["block0"] + self.bn_before_relu,
             "pooled_feat": ["classifier:in"],
+            "final_map": ["pool4:in"],
         }
 
         for m in self.modules():
@@ -71,6 +72,10 @@ class VGG(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.classifier
 
     def forward(self, x):
         h = x.shape[2]

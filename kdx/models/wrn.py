@@ -82,6 +82,7 @@ class WideResNet(nn.Module):
             "feats": ["conv1", "block1", "block2", "block3"],
             "preact_feats": ["conv1"] + self.bn_before_relu,
             "pooled_feat": ["fc:in"],
+            "final_map": ["avgpool:in"],
         }
 
         for m in self.modules():
@@ -93,6 +94,10 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's interface): what turns the pooled feature into logits."""
+        return self.fc
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))

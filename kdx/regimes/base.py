@@ -50,6 +50,7 @@ class Parts:
     perf: Perf
     output_dir: Path
     seed: int
+    split_losses: bool = False  # the optimiser steps on the task and the distillation gradients apart (optim=dot)
 
 
 def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:

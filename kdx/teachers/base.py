@@ -14,11 +14,13 @@ Every capability the orchestration reads is declared here with its default; subc
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdx.distill.base import ModelOutput
 from kdx.teachers.store import TeacherStore
@@ -57,6 +59,19 @@ class Teacher(nn.Module):
     def metrics(self) -> dict[str, float]:
         """Extra values logged with each validation."""
         return {}
+
+    @contextmanager
+    def batch_norm_batch_stats(self) -> Iterator[None]:
+        """Inside the block the network's BatchNorm layers use (and update) batch statistics, as an official code
+        that leaves its teacher in train mode does (``Strategy.teacher_bn_batch_stats``); eval mode after."""
+        bns = [m for m in (self.network.modules() if self.network is not None else []) if isinstance(m, _BatchNorm)]
+        for m in bns:
+            m.train(True)
+        try:
+            yield
+        finally:
+            for m in bns:
+                m.train(False)
 
     def for_evaluation(self) -> "Teacher":
         """The teacher that scores held-out images (its own accuracy); a cache of training logits defers."""

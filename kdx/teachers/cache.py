@@ -123,6 +123,11 @@ class CacheSettings:
         if regime != "distill":
             raise ConfigError(f"{what} does not apply to the {regime} regime (module={regime}): its teacher sees "
                               "generated images, never the same twice. Set teacher_cache=off.")
+        if strategy.views:
+            raise ConfigError(
+                f"{what}: {type(strategy).__name__} shows the teacher {len(strategy.views)} extra view(s) of every sample "
+                f"({', '.join(strategy.views)}), drawn anew every epoch; the cache holds one. Set teacher_cache=off."
+            )
         if strategy.needs_features:
             raise ConfigError(
                 f"{what}: {type(strategy).__name__} needs the teacher's intermediate features, but the cache holds "

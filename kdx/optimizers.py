@@ -1,4 +1,10 @@
-"""DOT: Distillation-Oriented Trainer (Zhao et al., ICCV 2023), an SGD with one momentum per loss.
+"""Optimisers that step on a strategy's task and distillation gradients separately (``optim=dot``).
+
+:class:`SplitLossOptimizer` is the seam: the distillation regime backpropagates the distillation terms, calls
+:meth:`SplitLossOptimizer.step_kd`, then backpropagates the task terms (``Strategy.task_terms``) and calls
+:meth:`~torch.optim.Optimizer.step`. :class:`DOT` is the one kdx ships.
+
+DOT: Distillation-Oriented Trainer (Zhao et al., ICCV 2023), an SGD with one momentum per loss.
 
 Official source: megvii-research/mdistiller @ a08d46f -- ``mdistiller/engine/dot.py``
 (``DistillationOrientedTrainer``, function ``dot``) and trainer ``DOT`` in ``mdistiller/engine/trainer.py``.
@@ -39,7 +45,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 
-class DOT(Optimizer):
+class SplitLossOptimizer(Optimizer):
+    """An optimiser that takes the distillation gradients (:meth:`step_kd`) before the task gradients (``step``)."""
+
+    def step_kd(self) -> None:  # pragma: no cover - every split optimiser implements it
+        raise NotImplementedError
+
+
+class DOT(SplitLossOptimizer):
     """Distillation-Oriented Trainer; see the module docstring for the update and the call order."""
 
     def __init__(
