@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLRMonitor
 from omegaconf import DictConfig
 
@@ -18,6 +18,38 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """One callback per non-null node of ``cfg.callbacks`` (the progress bar included)."""
     nodes = cfg.get("callbacks") or {}
     return [instantiate(node) for node in nodes.values() if node is not None]
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with two guarantees kdx's resume relies on:
+
+    - ``last.ckpt`` is the last *completed* epoch, always: Lightning (2.6) rewrites it only in an epoch where a
+      top-k checkpoint was saved, so with ``save_top_k=1`` it lagged behind whenever ``val/acc1`` did not improve.
+      An interruption (Ctrl-C, SIGTERM) saves nothing mid-epoch: kdx's batch order cannot resume exactly inside an
+      epoch, so ``last.ckpt`` stays the last completed epoch and the interrupted epoch is run again.
+    - file names count epochs from 1, as ``best_epoch`` and the history do (``best-epoch001.ckpt`` is epoch 1).
+    """
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: Any) -> None:
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer) or trainer.sanity_checking:
+            return
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _format_checkpoint_name(self, filename: Optional[str], metrics: dict[str, Any], prefix: Optional[str] = None,
+                                auto_insert_metric_name: bool = True) -> str:
+        if "epoch" in metrics:  # Lightning counts from 0
+            metrics = dict(metrics, epoch=metrics["epoch"] + 1)
+        return super()._format_checkpoint_name(filename, metrics, prefix, auto_insert_metric_name)
 
 
 class LearningRateMonitor(_LightningLRMonitor):
@@ -55,4 +87,4 @@ class LogTeacherImages(Callback):
                 log.warning("The teacher's image %s (%s) is missing: not logged.", key, path)
 
 
-__all__ = ["LearningRateMonitor", "LogTeacherImages", "build_callbacks"]
+__all__ = ["Checkpoint", "LearningRateMonitor", "LogTeacherImages", "build_callbacks"]

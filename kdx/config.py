@@ -22,7 +22,7 @@ from kdx.sweep.launch import check_writable
 
 TOP_LEVEL_KEYS = {
     "data", "model", "teacher", "teacher_cache", "distill", "module", "optim", "scheduler", "trainer", "perf",
-    "logger", "callbacks", "paths", "seed", "task", "method", "ckpt_path", "resume", "sweep_name",
+    "logger", "callbacks", "paths", "seed", "task", "method", "ckpt_path", "resume", "retry_failed", "sweep_name",
     "register_teacher", "paper", "hydra",
 }
 SPECIAL_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}

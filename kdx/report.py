@@ -134,6 +134,11 @@ def scan(folders: Iterable[str | Path]) -> tuple[list[Run], list[Unfinished]]:
                 if data.get("task") not in STUDENT_TASKS:
                     continue
                 lacking = [k for k in ("method", "dataset", "student") if data.get(k) is None]
+                if data.get("status") in ("failed", "interrupted"):
+                    problem = (f"{data['status']}: {data.get('error')}; epochs done {data.get('epochs_done')} of "
+                               f"{data.get('epochs')}; resume: {data.get('resume_command')}")
+                    unfinished.append(Unfinished(job, problem))
+                    continue
                 if data.get("status") != "complete":
                     problem = f"status {data.get('status')!r} in results.json"
                 elif lacking or all(data.get(k) is None for k in METRIC_KEYS.values()):
@@ -615,6 +620,9 @@ class SweepReport(Callback):
         print("\n" + markdown(report, self.metric, base=sweep_dir), flush=True)
         others = ", ".join(p.name for k, p in written.items() if k != "results.md")
         print(f"Results table: {written['results.md']} (also {others})", flush=True)
+        if report.unfinished:  # a sweep with failed jobs went on to its end; its exit status says so
+            print(f"{len(report.unfinished)} job(s) did not complete (listed under the table).", flush=True)
+            raise SystemExit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,13 +3,16 @@ weights (``student.pt``, ``student_best.pt``, and for a run that trained a netwo
 from __future__ import annotations
 
 import datetime as _dt
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 import kdx
+from kdx.dist import is_rank_zero
 from kdx.io import atomic_torch_save, atomic_write_json, load_state_dict_file, sha256_file
 
 
@@ -93,4 +96,62 @@ def resources(module: Any, wall: float) -> dict[str, Any]:
     return res
 
 
-__all__ = ["export", "git_revision", "resources", "training_budget"]
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that continues this run from its last checkpoint, in its own folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(str(cfg.paths.output_dir))
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        overrides = [str(o) for o in HydraConfig.get().overrides.task
+                     if not str(o).split("=", 1)[0].lstrip("+~") in ("ckpt_path", "hydra.run.dir")]
+    last = out / "checkpoints" / "last.ckpt"
+    tail = [f"hydra.run.dir={out}"] + ([f"ckpt_path={last}"] if last.is_file() else [])
+    return " ".join(["python -m kdx", *(shlex.quote(o) for o in overrides), *tail])
+
+
+def failure_record(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
+    """What results.json holds for a run that stopped early: ``failed`` (an error) or ``interrupted`` (Ctrl-C,
+    SIGTERM), the epoch its last checkpoint reached, that checkpoint, and the command that resumes it."""
+    out = Path(str(cfg.paths.output_dir))
+    last = out / "checkpoints" / "last.ckpt"
+    done = 0
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            done = len((state.get("kdx") or {}).get("history") or [])
+        except Exception:  # an unreadable checkpoint: say so, keep it
+            done = None
+    interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+    return {
+        "status": "interrupted" if interrupted else "failed",
+        "task": cfg.get("task"),
+        "method": cfg.get("method"),
+        "error": "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(error).__name__}: {error}",
+        "epochs": cfg.trainer.get("max_epochs") if "trainer" in cfg else None,
+        "epochs_done": done,
+        "last_checkpoint": str(last) if last.is_file() else None,
+        "resume_command": resume_command(cfg),
+        "stopped": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "output_dir": str(out),
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    }
+
+
+def write_failure_record(cfg: DictConfig, error: BaseException) -> Optional[dict[str, Any]]:
+    """Write :func:`failure_record` into results.json (this process only if it is rank 0); never raises."""
+    try:
+        if not is_rank_zero():
+            return None
+        record = failure_record(cfg, error)
+        atomic_write_json(Path(str(cfg.paths.output_dir)) / "results.json", record)
+        return record
+    except Exception:  # the record is a courtesy: never hide the original error behind one of its own
+        return None
+
+
+__all__ = ["export", "failure_record", "git_revision", "resources", "resume_command", "training_budget",
+           "write_failure_record"]

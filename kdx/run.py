@@ -8,9 +8,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +24,7 @@ from kdx.config import TASKS
 from kdx.errors import ConfigError
 from kdx.io import atomic_write_json
 from kdx.loggers import close_logger, log_config, log_results
-from kdx.results import export, git_revision, resources, training_budget
+from kdx.results import export, git_revision, resources, training_budget, write_failure_record
 from kdx.sweep.resume import prepare_job
 from kdx.teachers.reffakd_stage_a import run_stage_a
 from kdx.teachers.store import TeacherStore
@@ -30,11 +33,43 @@ log = logging.getLogger("kdx")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job and return what its ``results.json`` holds."""
+    """Run one job and return what its ``results.json`` holds.
+
+    A job that stops early writes its record into results.json first: ``failed`` (an error: its type and message)
+    or ``interrupted`` (Ctrl-C, SIGTERM), with the epoch its last checkpoint reached and the command that resumes
+    it (:func:`kdx.results.failure_record`); then the error goes on to the caller.
+    """
     task = cfg.get("task")
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}.")
-    return _TASKS[task](cfg)
+    try:
+        with _sigterm_as_interrupt():
+            return _TASKS[task](cfg)
+    except BaseException as e:
+        record = write_failure_record(cfg, e)
+        if record is not None:
+            log.error("%s: %s. Epochs done: %s of %s. Record: %s. Resume: %s", record["status"].capitalize(),
+                      record["error"].rstrip("."), record["epochs_done"], record["epochs"], Path(record["output_dir"]) / "results.json",
+                      record["resume_command"])
+        raise
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) stops the run as Ctrl-C does, so it leaves its record; only where no
+    one else handles SIGTERM (Lightning's SLURM environment installs its own) and in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:

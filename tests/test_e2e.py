@@ -124,7 +124,11 @@ def test_nan_loss_stops_naming_step_term_and_checkpoint(tmp_path, tiny):
     msg = str(err.value)
     assert "epoch 2" in msg and "global step 5" in msg and "ce=nan" in msg
     assert "last.ckpt" in msg and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert not (tmp_path / "run" / "results.json").exists()
+    # the run leaves its record: failed, with the error, the epochs done and the command that resumes it
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("NonFiniteLossError: Non-finite loss at epoch 2")
+    assert record["epochs_done"] == 1 and record["epochs"] == 3
+    assert f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in record["resume_command"]
 
 
 def test_truncated_teacher_checkpoint_is_a_clear_error(tmp_path, tiny, teacher_ckpt):

@@ -197,9 +197,13 @@ def test_sweep_callback_writes_and_says_where(sweep, tmp_path, capsys):
     s = tmp_path / "sweep"
     shutil.copytree(sweep, s)
     cb = instantiate({"_target_": "kdx.report.SweepReport", "metric": "test_acc1_best"})
-    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(s)}}}))
+    # the fixture holds jobs that did not complete: the report is written, then the sweep's status says so
+    with pytest.raises(SystemExit) as stop:
+        cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(s)}}}))
+    assert stop.value.code == 1
     assert all((s / n).stat().st_size > 0 for n in report.OUTPUT_FILES)
-    assert f"Results table: {s / 'results.md'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Results table: {s / 'results.md'}" in out and "2 job(s) did not complete" in out
     assert "Last epoch" not in (s / "results.md").read_text()
 
 

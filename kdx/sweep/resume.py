@@ -25,7 +25,7 @@ FINGERPRINT_FILE = "config_fingerprint.json"
 # Keys that may differ between two runs of the same experiment: where things are, how progress is shown,
 # where it is logged, and how the run was started. Everything else must match for a folder to be reused.
 FINGERPRINT_EXCLUDE = (
-    "paths", "ckpt_path", "resume", "sweep_name", "callbacks.progress_bar", "logger", "hydra",
+    "paths", "ckpt_path", "resume", "retry_failed", "sweep_name", "callbacks.progress_bar", "logger", "hydra",
     "trainer.enable_progress_bar", "data.root", "data.npz_path", "data.cache_dir",
 )
 
@@ -75,13 +75,37 @@ def _stored_fingerprint(out: Path) -> Optional[dict[str, Any]]:
     return None
 
 
+ATTEMPT_FILES = ("results.json", "csv", "tensorboard", "wandb")
+
+
+def keep_earlier_attempt(out: Path) -> Optional[Path]:
+    """Move an earlier attempt's record and logs (results.json, even unreadable; csv/, tensorboard/, wandb/) into
+    ``attempts/<k>/`` so that a new attempt in the same folder destroys nothing (a logger would delete them)."""
+    present = [name for name in ATTEMPT_FILES if (out / name).exists()]
+    if not present:
+        return None
+    k = 1
+    while (out / "attempts" / str(k)).exists():
+        k += 1
+    dest = out / "attempts" / str(k)
+    dest.mkdir(parents=True)
+    for name in present:
+        (out / name).rename(dest / name)
+    note = "unreadable results.json, " if "results.json" in present and _read_json(dest / "results.json") is None else ""
+    log.warning("Kept the earlier attempt's %s%s in %s (resume=auto does not overwrite them).", note,
+                ", ".join(present), dest)
+    return dest
+
+
 def prepare_job(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """The resume/skip step before anything is built.
 
     Always: check ``resume=``, write the config fingerprint into the job folder (rank 0), after checking that
     a folder which already holds a run (resume=auto) was made by the same config. With ``resume=auto``:
-    complete ``results.json`` → return it (the caller skips the job); else ``checkpoints/last.ckpt`` and no
-    ``ckpt_path`` → set ``cfg.ckpt_path`` to it (the results record it as ``resumed_from``).
+    complete ``results.json`` → return it (the caller skips the job); a ``failed`` record → return it too unless
+    ``retry_failed=true`` (a failure that repeats does not block every re-run); else the earlier attempt's record
+    and logs move to ``attempts/<k>/`` and, with ``checkpoints/last.ckpt`` and no ``ckpt_path``, ``cfg.ckpt_path``
+    is set to it (the results record it as ``resumed_from``).
     """
     mode = check_resume(cfg.get("resume", "never"))
     out = Path(str(cfg.paths.output_dir))
@@ -106,9 +130,16 @@ def prepare_job(cfg: DictConfig) -> Optional[dict[str, Any]]:
                 "with the new config (resume=never writes to a new timestamped folder instead)."
             )
         results = _read_json(results_path)
-        if results and results.get("status") == "complete":
+        status = (results or {}).get("status")
+        if status == "complete":
             log.info("skipping: complete results in %s (resume=auto)", results_path)
             return results
+        if status == "failed" and not cfg.get("retry_failed"):
+            log.info("skipping: the job failed before (%s, %s); retry_failed=true runs it again (resume=auto)",
+                     results.get("error"), results_path)
+            return results
+        if is_rank_zero():
+            keep_earlier_attempt(out)
         if last.is_file() and not cfg.get("ckpt_path"):
             log.info("resuming from %s (resume=auto)", last)
             with read_write(cfg), open_dict(cfg):
