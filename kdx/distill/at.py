@@ -23,6 +23,9 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/at
 ``loss = 1.0·CE + 1000·at_loss(feats_s[1:], feats_t[1:], p=2)``, no KD term, no warm-up; teacher
 resnet32x4, student resnet8x4, 240 epochs, SGD lr 0.05 (×0.1 at 150/180/210), momentum 0.9, wd 5e-4,
 batch 64. ``feats[1:]`` are the post-ReLU outputs of the residual stages (the stem ``feats[0]`` is skipped).
+
+``distill=at`` (:class:`AT`): ``w_ce·CE + w_at·at_loss(feats_s[1:], feats_t[1:], p)`` (terms ``ce``, ``at``);
+the stage lists are zipped as in mdistiller, so extra stages of the network with more are dropped.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
 
 
 def match_height(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,3 +63,17 @@ def at_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], p: float = 2) -> Tenso
             f_s, f_t = match_height(f_s, f_t)
             losses.append((attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean())
         return sum(losses)
+
+
+class AT(FeatureKD):
+    """``distill=at``: ``w_ce·CE + w_at·at_loss(feats_s[1:], feats_t[1:], p)``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "at"
+
+    def __init__(self, w_ce: float = 1.0, w_at: float = 1000.0, p: float = 2) -> None:
+        super().__init__(w_ce, w_at)
+        self.p = p
+
+    def feature_loss(self, student, teacher):
+        return at_loss(student["feats"][1:], teacher["feats"][1:], self.p)

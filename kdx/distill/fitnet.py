@@ -17,6 +17,12 @@ Official CIFAR-100 setting (mdistiller ``cfg.FITNET`` + ``configs/cifar100/fitne
 ``L = 1.0·CE + 100.0·L_hint``, no KD term, no warm-up, no separate hint-pretraining stage; the regressor's
 parameters join the student's SGD (240 epochs, LR 0.05, decay 0.1 at 150/180/210, WD 5e-4, batch 64).
 The teacher runs in eval mode under ``no_grad``.
+
+``distill=fitnet`` (:class:`FitNet`): ``w_ce·CE + w_fitnet·fitnet_loss(regressor(feats_s[h]), feats_t[h])`` with
+``h = hint_layer`` (terms ``ce``, ``fitnet``); the :class:`HintRegressor` is built at start-up from the two tapped
+shapes and trains with the student. ``h`` indexes each network's own ``feats`` list (as in mdistiller, whatever
+their lengths); an index outside either list, or a student hint smaller than the teacher's by other than 2×, stops
+at build with a :class:`~kdx.errors.ConfigError` (the official code fails there too).
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
+from kdx.errors import ConfigError
 
 
 def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -74,3 +83,38 @@ class HintRegressor(nn.Module):
 def fitnet_loss(f_s_regressed: Tensor, f_t: Tensor) -> Tensor:
     """``mean (f_s_regressed − f_t)²`` over all elements, at least in float32 (unweighted hint loss)."""
     return F.mse_loss(_at_least_f32(f_s_regressed), _at_least_f32(f_t))
+
+
+class FitNet(FeatureKD):
+    """``distill=fitnet``: ``w_ce·CE + w_fitnet·mse(regressor(feats_s[hint_layer]), feats_t[hint_layer])``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "fitnet"
+
+    def __init__(self, w_ce: float = 1.0, w_fitnet: float = 100.0, hint_layer: int = 2) -> None:
+        super().__init__(w_ce, w_fitnet)
+        if isinstance(hint_layer, bool) or not isinstance(hint_layer, int):
+            raise ConfigError(f"distill.hint_layer={hint_layer!r}: must be an integer index into the feats lists.")
+        self.hint_layer = hint_layer
+        self.regressor: HintRegressor | None = None
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        h, feats_s, feats_t = self.hint_layer, student_shapes["feats"], teacher_shapes["feats"]
+        if not (-len(feats_s) <= h < len(feats_s) and -len(feats_t) <= h < len(feats_t)):
+            raise ConfigError(f"distill.hint_layer={h}: the student has {len(feats_s)} feats and the teacher "
+                              f"{len(feats_t)}; choose an index valid for both.")
+        try:
+            self.regressor = HintRegressor(feats_s[h], feats_t[h])
+        except NotImplementedError:
+            raise ConfigError(
+                f"distill.hint_layer={h}: the student hint C×H×W={_chw(feats_s[h])} is smaller than the teacher's "
+                f"{_chw(feats_t[h])} by other than 2×, which FitNet's regressor (official ConvReg) cannot map; "
+                "choose another hint_layer."
+            ) from None
+
+    def feature_loss(self, student, teacher):
+        if self.regressor is None:
+            raise RuntimeError("FitNet has no regressor yet: build_feature_modules(teacher_shapes, student_shapes) "
+                               "builds it (kdx.build.build calls it at start-up).")
+        h = self.hint_layer
+        return fitnet_loss(self.regressor(student["feats"][h]), teacher["feats"][h])

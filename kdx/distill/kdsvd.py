@@ -46,6 +46,13 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/kd
 ``loss = 1.0·CE + 1.0·kdsvd_loss(feats_s[1:], feats_t[1:], k=1)`` (the post-ReLU residual-stage maps, stem
 skipped; RepDistiller: ``feat[1:-1]``, no shipped weight); no KD term, no warm-up; resnet32x4 → resnet8x4,
 240 epochs, SGD lr 0.05 (×0.1 at 150/180/210), momentum 0.9, wd 5e-4, batch 64.
+
+``distill=kdsvd`` (:class:`KDSVD`): ``w_ce·CE + w_kdsvd·kdsvd_loss(feats_s[1:], feats_t[1:], k, fix_layout,
+fix_sign)`` (terms ``ce``, ``kdsvd``); the stage lists are zipped as in mdistiller, so extra stages of the network
+with more are dropped. Step 2 compares student and teacher vectors, so each paired stage needs equal widths ``W``
+(equal channel counts ``C`` with ``fix_layout``): where they differ the official code fails with a matmul shape
+error, and kdx stops at build with a :class:`~kdx.errors.ConfigError` (e.g. resnet32x4 → ShuffleV1, whose stage
+maps are half the size).
 """
 from __future__ import annotations
 
@@ -54,6 +61,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD, chw, positive_int
+from kdx.errors import ConfigError
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -114,3 +124,33 @@ def kdsvd_loss(
             prev = (v_s, v_t)
         bsz = g_s[0].shape[0]
         return sum(loss / bsz for loss in losses)
+
+
+class KDSVD(FeatureKD):
+    """``distill=kdsvd``: ``w_ce·CE + w_kdsvd·kdsvd_loss(feats_s[1:], feats_t[1:], k, fix_layout, fix_sign)``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "kdsvd"
+
+    def __init__(self, w_ce: float = 1.0, w_kdsvd: float = 1.0, k: int = 1, fix_layout: bool = False,
+                 fix_sign: bool = False) -> None:
+        super().__init__(w_ce, w_kdsvd)
+        self.k = positive_int(k, "k")
+        self.fix_layout, self.fix_sign = bool(fix_layout), bool(fix_sign)
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        """Refuse paired stages whose decomposed dimension differs (the official code fails there)."""
+        dim, name = (0, "channel counts C") if self.fix_layout else (2, "widths W")
+        pairs = zip(student_shapes["feats"][1:], teacher_shapes["feats"][1:])
+        for i, (s, t) in enumerate(pairs, start=1):
+            if chw(s)[dim] != chw(t)[dim]:
+                raise ConfigError(
+                    f"distill=kdsvd (fix_layout={self.fix_layout}) aligns the student's and the teacher's singular "
+                    f"vectors at every paired stage, which needs equal {name}, but feats[{i}] is C×H×W={chw(s)} for "
+                    f"the student (model) and {chw(t)} for the teacher (teacher.model); the official KD-SVD fails "
+                    "there too. Choose a pair with equal stage sizes, other taps (model.taps.feats / "
+                    "teacher.model.taps.feats), or another method."
+                )
+
+    def feature_loss(self, student, teacher):
+        return kdsvd_loss(student["feats"][1:], teacher["feats"][1:], self.k, self.fix_layout, self.fix_sign)

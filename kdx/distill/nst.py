@@ -20,6 +20,9 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/ns
 ``loss = 1.0·CE + 50·nst_loss(feats_s[1:], feats_t[1:])`` (the post-ReLU residual-stage maps, stem
 skipped; RepDistiller: ``feat[1:-1]``); no KD term, no warm-up; resnet32x4 → resnet8x4, 240 epochs,
 SGD lr 0.05 (×0.1 at 150/180/210), momentum 0.9, wd 5e-4, batch 64.
+
+``distill=nst`` (:class:`NST`): ``w_ce·CE + w_nst·nst_loss(feats_s[1:], feats_t[1:])`` (terms ``ce``, ``nst``);
+the stage lists are zipped as in mdistiller, so extra stages of the network with more are dropped.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.distill.at import match_height
+from kdx.distill.feature_kd import FeatureKD
 
 
 def poly_kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -53,3 +57,16 @@ def nst_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor]) -> Tensor:
             t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
             losses.append(poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean())
         return sum(losses)
+
+
+class NST(FeatureKD):
+    """``distill=nst``: ``w_ce·CE + w_nst·nst_loss(feats_s[1:], feats_t[1:])``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "nst"
+
+    def __init__(self, w_ce: float = 1.0, w_nst: float = 50.0) -> None:
+        super().__init__(w_ce, w_nst)
+
+    def feature_loss(self, student, teacher):
+        return nst_loss(student["feats"][1:], teacher["feats"][1:])

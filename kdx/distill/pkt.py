@@ -19,11 +19,16 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/pk
 ``loss = 1.0·CE + 30000·pkt_loss(pooled_s, pooled_t)`` with ``pooled_feat`` the globally average-pooled
 last feature map [B, C] (RepDistiller: ``feat[-1]``); no KD term, no warm-up; resnet32x4 → resnet8x4,
 240 epochs, SGD lr 0.05 (×0.1 at 150/180/210), momentum 0.9, wd 5e-4, batch 64.
+
+``distill=pkt`` (:class:`PKT`): ``w_ce·CE + w_pkt·pkt_loss(pooled_s, pooled_t)`` (terms ``ce``, ``pkt``), the
+``pooled_feat`` tap of each network (its widths may differ).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
 
 
 def pkt_similarity(f: Tensor, eps: float = 1e-7) -> Tensor:
@@ -40,3 +45,17 @@ def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
     with torch.autocast(device_type=f_s.device.type, enabled=False):
         p_s, p_t = pkt_similarity(f_s, eps), pkt_similarity(f_t, eps)
         return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+class PKT(FeatureKD):
+    """``distill=pkt``: ``w_ce·CE + w_pkt·pkt_loss(pooled_s, pooled_t, eps)``."""
+
+    student_taps = teacher_taps = ("pooled_feat",)
+    term = "pkt"
+
+    def __init__(self, w_ce: float = 1.0, w_pkt: float = 30000.0, eps: float = 1e-7) -> None:
+        super().__init__(w_ce, w_pkt)
+        self.eps = float(eps)
+
+    def feature_loss(self, student, teacher):
+        return pkt_loss(student["pooled_feat"][0], teacher["pooled_feat"][0], self.eps)

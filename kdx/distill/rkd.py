@@ -24,12 +24,17 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/rk
 angle_weight=50)`` with ``pooled_feat`` the globally average-pooled last map [B, C] (RepDistiller:
 ``feat[-1]``); no KD term, no warm-up; resnet32x4 → resnet8x4, 240 epochs, SGD lr 0.05 (×0.1 at
 150/180/210), momentum 0.9, wd 5e-4, batch 64.
+
+``distill=rkd`` (:class:`RKD`): ``w_ce·CE + w_rkd·rkd_loss(pooled_s, pooled_t, squared, eps, distance_weight,
+angle_weight)`` (terms ``ce``, ``rkd``), the ``pooled_feat`` tap of each network (its widths may differ).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
 
 
 def pairwise_distance(e: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
@@ -71,3 +76,20 @@ def rkd_loss(
         loss_d = F.smooth_l1_loss(mean_normalised_distance(stu, squared, eps), d_t)
         loss_a = F.smooth_l1_loss(rkd_angles(stu), a_t)
         return distance_weight * loss_d + angle_weight * loss_a
+
+
+class RKD(FeatureKD):
+    """``distill=rkd``: ``w_ce·CE + w_rkd·rkd_loss(pooled_s, pooled_t, ...)`` (mdistiller ``cfg.RKD``)."""
+
+    student_taps = teacher_taps = ("pooled_feat",)
+    term = "rkd"
+
+    def __init__(self, w_ce: float = 1.0, w_rkd: float = 1.0, distance_weight: float = 25.0,
+                 angle_weight: float = 50.0, squared: bool = False, eps: float = 1e-12) -> None:
+        super().__init__(w_ce, w_rkd)
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        self.squared, self.eps = bool(squared), float(eps)
+
+    def feature_loss(self, student, teacher):
+        return rkd_loss(student["pooled_feat"][0], teacher["pooled_feat"][0], self.squared, self.eps,
+                        self.distance_weight, self.angle_weight)

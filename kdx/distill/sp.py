@@ -18,6 +18,9 @@ Official CIFAR-100 setting (``mdistiller/engine/cfg.py`` + ``configs/cifar100/sp
 ``loss = 1.0·CE + 3000·sp_loss([feats_s[-1]], [feats_t[-1]])`` — one stage only, the last residual
 stage's post-ReLU map (RepDistiller: ``feat[-2]``, the same tensor); no KD term, no warm-up; resnet32x4 →
 resnet8x4, 240 epochs, SGD lr 0.05 (×0.1 at 150/180/210), momentum 0.9, wd 5e-4, batch 64.
+
+``distill=sp`` (:class:`SP`): ``w_ce·CE + w_sp·sp_loss([feats_s[-1]], [feats_t[-1]])`` (terms ``ce``, ``sp``): each
+network's own last ``feats`` entry, whatever the two networks' numbers of stages.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
 
 
 def similarity_matrix(f: Tensor) -> Tensor:
@@ -42,3 +47,16 @@ def sp_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor]) -> Tensor:
             bsz = f_s.shape[0]
             losses.append((similarity_matrix(f_t) - similarity_matrix(f_s)).pow(2).sum() / (bsz * bsz))
         return sum(losses)
+
+
+class SP(FeatureKD):
+    """``distill=sp``: ``w_ce·CE + w_sp·sp_loss([feats_s[-1]], [feats_t[-1]])``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "sp"
+
+    def __init__(self, w_ce: float = 1.0, w_sp: float = 3000.0) -> None:
+        super().__init__(w_ce, w_sp)
+
+    def feature_loss(self, student, teacher):
+        return sp_loss([student["feats"][-1]], [teacher["feats"][-1]])

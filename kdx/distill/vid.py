@@ -16,6 +16,12 @@ Official CIFAR-100 setting (mdistiller ``cfg.VID`` + ``configs/cifar100/vid.yaml
 the first stage), one ``VIDLoss(C_s, C_t, C_t)`` per pair, ``init_pred_var = 5.0``, ``eps = 1e-5``,
 ``L = 1.0·CE + 1.0·Σ L_VID``, no KD, no warm-up; regressors train with the student (240 epochs, LR 0.05,
 WD 5e-4). Teacher in eval mode under ``no_grad``.
+
+``distill=vid`` (:class:`VID`): ``w_ce·CE + w_vid·Σ_i VIDLoss_i(feats_s[1:][i], feats_t[1:][i])`` (terms ``ce``,
+``vid``), one :class:`VIDLoss` per pair of ``zip(feats_s[1:], feats_t[1:])`` built at start-up from the tapped
+shapes, training with the student. A teacher with more stages than the student has its extra ones dropped, as in
+mdistiller; a student with more stages than the teacher stops at build with a :class:`~kdx.errors.ConfigError`
+(mdistiller builds one regressor per zipped pair but loops over the student's stages: an ``IndexError``).
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.feature_kd import FeatureKD
+from kdx.errors import ConfigError
 
 
 def _at_least_f32(x: Tensor) -> Tensor:
@@ -96,3 +105,41 @@ class VIDLoss(nn.Module):
         elif s_h < t_h:
             f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
         return vid_loss(self.regressor(f_s), self.pred_var(), f_t)
+
+
+class VID(FeatureKD):
+    """``distill=vid``: ``w_ce·CE + w_vid·Σ VID losses`` over ``zip(feats_s[1:], feats_t[1:])``."""
+
+    student_taps = teacher_taps = ("feats",)
+    term = "vid"
+
+    def __init__(self, w_ce: float = 1.0, w_vid: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5,
+                 learn_var: bool = False, fix_nonsquare_pool: bool = False) -> None:
+        super().__init__(w_ce, w_vid)
+        if not float(eps) >= 0 or not float(init_pred_var) > float(eps):
+            raise ConfigError(f"distill.init_pred_var={init_pred_var} and distill.eps={eps}: the initial variance "
+                              "must exceed eps ≥ 0 (the variance is softplus(α) + eps).")
+        self.init_pred_var, self.eps = float(init_pred_var), float(eps)
+        self.learn_var, self.fix_nonsquare_pool = bool(learn_var), bool(fix_nonsquare_pool)
+        self.regressors = nn.ModuleList()
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        feats_s, feats_t = student_shapes["feats"][1:], teacher_shapes["feats"][1:]
+        if len(feats_s) > len(feats_t):
+            raise ConfigError(
+                f"distill=vid pairs feats[1:] of student and teacher, but the student (model) has {len(feats_s)} "
+                f"stages and the teacher (teacher.model) {len(feats_t)}: mdistiller's VID fails there (it loops over "
+                "the student's stages). Give the student fewer points (model.taps.feats) or choose another method."
+            )
+        self.regressors = nn.ModuleList(
+            VIDLoss(int(s[1]), int(t[1]), int(t[1]), self.init_pred_var, self.eps, self.learn_var,
+                    self.fix_nonsquare_pool)
+            for s, t in zip(feats_s, feats_t)
+        )
+
+    def feature_loss(self, student, teacher):
+        if not len(self.regressors):
+            raise RuntimeError("VID has no regressors yet: build_feature_modules(teacher_shapes, student_shapes) "
+                               "builds them (kdx.build.build calls it at start-up).")
+        pairs = zip(self.regressors, student["feats"][1:], teacher["feats"][1:])
+        return sum(vid(f_s, f_t) for vid, f_s, f_t in pairs)
