@@ -46,6 +46,13 @@ Quirks kept: ``T``, ``K``, ``Z``, momentum live in a float32 ``params`` buffer, 
 no eps in either L2 normalisation; duplicate indices in one update keep one (unspecified) row.
 Deviations (no effect on values): :func:`crd_nce_loss` returns a 0-dim tensor (official: shape ``[1]``);
 the scores are computed in float32 with autocast off; ``Z`` is set without a host sync.
+
+``distill=crd`` (:class:`CRDStrategy`): ``w_ce·CE + w_crd·L_crd`` over both networks' ``pooled_feat``; the Embed
+widths come from the tapped shapes, ``n_data`` and the class pools from the training labels (``attach_data``),
+the contrast indices from ``(seed, epoch, batch.idx)`` each step; the banks are buffers of the strategy, so a
+checkpoint holds them and a resumed run continues exactly. K larger than a class's negative pool stops at build
+(``distill.k``): the official sampler would then draw with replacement (``replace_short_pools=true`` does so).
+One process only (``supports_ddp = False``): DDP ranks would each update their own banks.
 """
 from __future__ import annotations
 
@@ -54,7 +61,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import DataInfo, Strategy
+from kdx.errors import ConfigError
 
 EPS = 1e-7
 MODES = ("exact", "relax")
@@ -322,3 +333,64 @@ def uniform_contrast_idx(idx: Tensor, n_data: int, k: int, seed: int = 0, epoch:
     idx = idx.to(torch.int64)
     neg = _hash_grid(seed, epoch, _UNIFORM, idx, k) % n_data
     return torch.cat([idx.unsqueeze(1), neg], dim=1)
+
+
+class CRDStrategy(Strategy):
+    """``distill=crd``: ``w_ce·CE + w_crd·(L_NCE(student → teacher bank) + L_NCE(teacher → student bank))``."""
+
+    student_taps = teacher_taps = ("pooled_feat",)
+    supports_ddp = False  # each DDP rank would update its own banks
+
+    def __init__(
+        self, w_ce: float = 1.0, w_crd: float = 0.8, feat_dim: int = 128, k: int = 16384, momentum: float = 0.5,
+        temperature: float = 0.07, mode: str = "exact", replace_short_pools: bool = False,
+    ) -> None:
+        super().__init__()
+        for key, value in (("k", k), ("feat_dim", feat_dim)):
+            if isinstance(value, bool) or int(value) != value or int(value) < 1:
+                raise ConfigError(f"distill.{key}={value!r} must be a positive integer.")
+        if mode not in MODES:
+            raise ConfigError(f"distill.mode={mode!r} must be one of {', '.join(MODES)}.")
+        if not temperature > 0 or not 0 <= momentum <= 1:
+            raise ConfigError(f"distill.temperature={temperature!r} must be > 0 and distill.momentum={momentum!r} "
+                              "in [0, 1].")
+        self.w_ce, self.w_crd, self.feat_dim, self.k = float(w_ce), float(w_crd), int(feat_dim), int(k)
+        self.momentum, self.temperature, self.mode = float(momentum), float(temperature), mode
+        self.replace_short_pools = bool(replace_short_pools)
+        self.n_data: Optional[int] = None
+        self.seed = 0
+        self.crd: Optional[CRDLoss] = None
+
+    def attach_data(self, info: DataInfo) -> None:
+        pools = contrast_pools(info.train_labels.cpu(), info.num_classes)
+        negatives = info.train_size - pools.count[pools.count > 0]
+        shortest = int(negatives.min()) if negatives.numel() else 0
+        if self.k > shortest and not self.replace_short_pools:
+            raise ConfigError(
+                f"distill.k={self.k}: CRD draws K negatives per sample from the other classes' training samples, "
+                f"but a class has only {shortest} of them (training split: {info.train_size} samples). Set "
+                f"distill.k<={shortest}, or distill.replace_short_pools=true to draw them with replacement as the "
+                "official sampler does then."
+            )
+        for name, t in zip(("labels", "order", "start", "count"), pools[:4]):
+            self.register_buffer(f"pool_{name}", t, persistent=False)  # follow the device, not in checkpoints
+        self.n_data, self.seed = info.train_size, int(info.seed)
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        if self.n_data is None:
+            raise RuntimeError("CRDStrategy.attach_data(info) must run before build_feature_modules")
+        s_dim, t_dim = (math.prod(shapes["pooled_feat"][0][1:]) for shapes in (student_shapes, teacher_shapes))
+        self.crd = CRDLoss(s_dim, t_dim, self.n_data, self.feat_dim, self.k, self.temperature, self.momentum)
+
+    def contrast_idx(self, idx: Tensor, epoch: int) -> Tensor:
+        """The batch's ``B × (K+1)`` contrast indices (positive first), a function of (seed, epoch, idx)."""
+        pools = ContrastPools(self.pool_labels, self.pool_order, self.pool_start, self.pool_count, None)
+        return sample_contrast_idx(pools, idx, self.k, self.mode, self.seed, epoch)
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        if self.crd is None:
+            raise RuntimeError("CRDStrategy has no embeddings and memory yet: kdx.build.build calls attach_data "
+                               "and build_feature_modules first.")
+        f_s, f_t = student.taps["pooled_feat"][0], teacher.taps["pooled_feat"][0].detach()
+        crd = self.crd(f_s, f_t, batch.idx, self.contrast_idx(batch.idx, epoch))
+        return {"ce": self.w_ce * F.cross_entropy(student.logits, batch.y), "crd": self.w_crd * crd}
