@@ -27,15 +27,24 @@ Quirks kept: the mid width is ``min(512, in_channels[-1])``: mdistiller reads ``
 uses it (here ``max_mid_channel=512``, official; another value is the fix). ``hcl_loss`` skips pooling levels
 by the student's height only and halves the weight per level *used*. ABF compares only the width with
 ``out_shape`` before resizing and takes square sizes (``shape × shape``).
+
+``distill=reviewkd`` (:class:`ReviewKDStrategy`): ``w_ce·CE + w_reviewkd·min(e/warmup, 1)·Σ HCL``. The chain's
+channels and sizes (mdistiller's per-pair ``IN/OUT_CHANNELS``, ``SHAPES``, ``OUT_SHAPES``) are derived from the
+tapped shapes (:func:`reviewkd_layout`): the teacher's n levels ``preact_feats[1:] + [pooled_feat]`` give
+``OUT_*``; the student's deepest n of ``feats + [pooled_feat]`` (what the official ``zip`` keeps: ``feats[1:]``
+when the student has as many stages as the teacher) give ``IN_CHANNELS``/``SHAPES``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import Strategy, warmup_factor
+from kdx.errors import ConfigError
 
 
 def hcl_loss(fstudent: Sequence[Tensor], fteacher: Sequence[Tensor]) -> Tensor:
@@ -128,3 +137,80 @@ class ReviewKD(nn.Module):
             out, res = abf(f, res, shape, out_shape)
             results.insert(0, out)
         return results
+
+
+class Layout(NamedTuple):
+    """The chain's configuration in mdistiller's order: channels shallow → deep, sizes deep → shallow."""
+
+    in_channels: list[int]
+    out_channels: list[int]
+    shapes: list[int]
+    out_shapes: list[int]
+
+
+def _levels(shapes: Sequence[Sequence[int]], setting: str) -> list[tuple[int, int]]:
+    """``(channels, size)`` of each ``B×C×H×W`` map (H = W) or ``B×C`` vector (size 1)."""
+    out = []
+    for shape in shapes:
+        if len(shape) == 2:
+            out.append((int(shape[1]), 1))
+        elif len(shape) == 4 and shape[2] == shape[3]:
+            out.append((int(shape[1]), int(shape[2])))
+        else:
+            raise ConfigError(f"ReviewKD needs square B×C×H×W maps (or the B×C pooled vector), got {tuple(shape)} "
+                              f"from {setting}.")
+    return out
+
+
+def reviewkd_layout(
+    teacher_shapes: dict[str, list], student_shapes: dict[str, list], stu_preact: bool = False
+) -> Layout:
+    """mdistiller's ``IN_CHANNELS``, ``OUT_CHANNELS``, ``SHAPES``, ``OUT_SHAPES`` from the tapped shapes
+    (``{set: [shape, ...]}``): teacher ``preact_feats[1:] + pooled_feat``; the student's deepest n levels of
+    ``feats`` (``preact_feats`` with ``stu_preact``) ``+ pooled_feat``, n = the teacher's level count."""
+    s_set = "preact_feats" if stu_preact else "feats"
+    teacher = _levels([*teacher_shapes["preact_feats"][1:], teacher_shapes["pooled_feat"][0]], "teacher.model.taps")
+    student = _levels([*student_shapes[s_set], student_shapes["pooled_feat"][0]], "model.taps")
+    n = len(teacher)
+    if len(student) < n:
+        raise ConfigError(f"ReviewKD pairs the teacher's {n} levels (preact_feats[1:] + pooled_feat) with the "
+                          f"student's deepest ones, but the student has only {len(student)} ({s_set} + pooled_feat): "
+                          "set teacher.model.taps / model.taps so that the student has at least as many.")
+    student = student[-n:]
+    return Layout([c for c, _ in student], [c for c, _ in teacher], [h for _, h in student][::-1],
+                  [h for _, h in teacher][::-1])
+
+
+class ReviewKDStrategy(Strategy):
+    """``distill=reviewkd``: ``w_ce·CE + w_reviewkd·min(epoch/warmup, 1)·HCL(ABF chain(student), teacher)``."""
+
+    student_taps: tuple[str, ...] = ("feats", "pooled_feat")
+    teacher_taps = ("preact_feats", "pooled_feat")
+
+    def __init__(self, w_ce: float = 1.0, w_reviewkd: float = 5.0, warmup: int = 20, stu_preact: bool = False,
+                 max_mid_channel: int = 512) -> None:
+        super().__init__()
+        self.w_ce, self.w_reviewkd, self.warmup = float(w_ce), float(w_reviewkd), int(warmup)
+        self.stu_preact, self.max_mid_channel = bool(stu_preact), int(max_mid_channel)
+        if self.stu_preact:
+            self.student_taps = ("preact_feats", "pooled_feat")
+        self.review: Optional[ReviewKD] = None
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        self.layout = reviewkd_layout(teacher_shapes, student_shapes, self.stu_preact)
+        self.review = ReviewKD(*self.layout, max_mid_channel=self.max_mid_channel)
+
+    @staticmethod
+    def levels(out, maps: str, first: int) -> list[Tensor]:
+        """``out.taps[maps][first:]`` and the pooled feature as a ``B×C×1×1`` map."""
+        return [*out.taps[maps][first:], out.taps["pooled_feat"][0][:, :, None, None]]
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        if self.review is None:
+            raise RuntimeError("ReviewKDStrategy has no ABF chain yet: kdx.build.build calls build_feature_modules.")
+        fused = self.review(self.levels(student, self.student_taps[0], 0))
+        hcl = hcl_loss(fused, self.levels(teacher, "preact_feats", 1))
+        return {
+            "ce": self.w_ce * F.cross_entropy(student.logits, batch.y),
+            "reviewkd": self.w_reviewkd * warmup_factor(epoch, self.warmup) * hcl,
+        }
