@@ -23,16 +23,26 @@ more); kernel size 1; ``L = 1.0·CE + 0.001·L_OFD``; no KD, no warm-up; connect
 (240 epochs, LR 0.05, WD 5e-4). Quirk: mdistiller's ``OFD.train()`` (as the original) leaves the *teacher in
 train mode* during training: its BN layers use batch statistics and update their running statistics
 (forward under ``no_grad``).
+
+``distill=ofd`` (:class:`OFDStrategy`): connectors from the tapped ``preact_feats[1:]`` shapes, margins from the
+teacher's ``bn_before_relu`` modules (``attach_networks``, kept as buffers), ``teacher_bn_train`` (official:
+true) sets ``teacher_bn_batch_stats``; false is the fix (the teacher's BN in eval mode, running statistics kept).
+Margins: mdistiller indexes them from the first while the features are aligned to the last n, which only runs
+when both networks have as many stages; here the last n margins are taken (the same whenever mdistiller runs).
+A teacher without ``bn_before_relu`` (ShuffleNets) stops at build, as mdistiller cannot run it either.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import Strategy
+from kdx.errors import ConfigError
 
 
 def _at_least_f32(x: Tensor) -> Tensor:
@@ -108,3 +118,58 @@ class OFDConnectors(nn.Module):
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [connector(f) for connector, f in zip(self.connectors, feats)]
+
+
+class OFDStrategy(Strategy):
+    """``distill=ofd``: ``w_ce·CE + w_ofd·L_OFD`` over both networks' ``preact_feats[1:]``."""
+
+    student_taps = teacher_taps = ("preact_feats",)
+
+    def __init__(self, w_ce: float = 1.0, w_ofd: float = 0.001, kernel_size: int = 1,
+                 teacher_bn_train: bool = True) -> None:
+        super().__init__()
+        if isinstance(kernel_size, bool) or int(kernel_size) != kernel_size or kernel_size < 1:
+            raise ConfigError(f"distill.kernel_size={kernel_size!r} must be a positive integer.")
+        self.w_ce, self.w_ofd, self.kernel_size = float(w_ce), float(w_ofd), int(kernel_size)
+        self.teacher_bn_batch_stats = bool(teacher_bn_train)
+        self.teacher_margins: list[Tensor] = []
+        self.connectors: Optional[OFDConnectors] = None
+        self.n = 0
+
+    def attach_networks(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        names = getattr(teacher, "bn_before_relu", None)
+        if not names:
+            who = "has no network" if teacher is None else f"({type(teacher).__name__}) declares none"
+            raise ConfigError(
+                f"distill=ofd takes its margins from the teacher's BatchNorm layers before each stage's last ReLU "
+                f"(bn_before_relu), and the teacher {who} (mdistiller's ShuffleNets raise NotImplementedError "
+                "there). Choose another teacher (teacher_arch=...)."
+            )
+        modules = dict(teacher.named_modules())
+        self.teacher_margins = [ofd_margin(modules[name].weight, modules[name].bias).cpu() for name in names]
+
+    def build_feature_modules(self, teacher_shapes, student_shapes) -> None:
+        t_ch = [int(s[1]) for s in teacher_shapes["preact_feats"][1:]]
+        s_ch = [int(s[1]) for s in student_shapes["preact_feats"][1:]]
+        n = min(len(t_ch), len(s_ch), len(self.teacher_margins))
+        margins = self.teacher_margins[len(self.teacher_margins) - n:]
+        if n == 0 or [m.numel() for m in margins] != t_ch[len(t_ch) - n:]:
+            raise ConfigError(
+                f"distill=ofd: the teacher's last {n} bn_before_relu layers have {[m.numel() for m in margins]} "
+                f"channels, its last {n} preact_feats[1:] taps {t_ch[len(t_ch) - n:]}: they must be the same "
+                "points (teacher.model.taps.preact_feats)."
+            )
+        self.n, self.teacher_margins = n, []
+        for i, m in enumerate(margins):
+            self.register_buffer(f"margin_{i}", m)
+        self.connectors = OFDConnectors(s_ch[len(s_ch) - n:], t_ch[len(t_ch) - n:], self.kernel_size)
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        if self.connectors is None:
+            raise RuntimeError("OFDStrategy has no connectors yet: kdx.build.build calls attach_networks and "
+                               "build_feature_modules first.")
+        n = self.n
+        sources = self.connectors(student.taps["preact_feats"][1:][-n:])
+        margins = [getattr(self, f"margin_{i}") for i in range(n)]
+        loss = ofd_stages_loss(sources, teacher.taps["preact_feats"][1:][-n:], margins)
+        return {"ce": self.w_ce * F.cross_entropy(student.logits, batch.y), "ofd": self.w_ofd * loss}
