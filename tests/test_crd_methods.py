@@ -190,6 +190,18 @@ def test_reviewkd_layout_from_shapes_equals_the_official_config(pair, one_thread
     assert tuple(layout) == OFFICIAL_LAYOUTS[pair]
 
 
+def test_reviewkd_stu_preact_reads_the_students_preact_feats():
+    from kdx.distill.reviewkd import ReviewKDStrategy
+
+    assert ReviewKDStrategy().student_taps == ("feats", "pooled_feat")
+    assert ReviewKDStrategy(stu_preact=True).student_taps == ("preact_feats", "pooled_feat")
+    shapes = tapped("resnet8x4", ("preact_feats", "pooled_feat"))
+    t_shapes = tapped("resnet32x4", ("preact_feats", "pooled_feat"))
+    assert tuple(reviewkd_layout(t_shapes, shapes, stu_preact=True)) == OFFICIAL_LAYOUTS[("resnet32x4", "resnet8x4")]
+    with pytest.raises(ConfigError, match="only 2"):  # fewer student levels than the teacher's 4
+        reviewkd_layout(t_shapes, {"feats": shapes["preact_feats"][3:], "pooled_feat": shapes["pooled_feat"]})
+
+
 def test_reviewkd_terms_equal_the_pure_functions(tmp_path, teacher_ckpt, one_thread):
     job = build_job(tiny_cfg(tmp_path, "reviewkd", teacher_ckpt))
     strategy = job.module.strategy
