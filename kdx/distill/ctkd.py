@@ -38,14 +38,29 @@ student, and not reversed (the optimiser adds it after backward) -- 240 epochs, 
 150/180/210; ``--cosine_decay 1 --decay_max 0 --decay_min -1 --decay_loops 10``. CTKD + DKD (commented line in
 the script): ``L = 1·CE + 0·KD_τ + 1·DKD_τ`` with ``dkd_alpha = 1``, ``dkd_beta = 2``, no DKD warm-up.
 The instance-wise variant is not in the repository (README: code and logs on cloud drives only).
+
+Strategies (``distill=ctkd``, ``distill=ctkd_dkd``): :class:`CTKD` is ``w_ce·CE + w_kd·KD_τ`` and
+:class:`CTKDDKD` is ``w_ce·CE + w_dkd·DKD_τ`` (terms ``ce`` and ``kd`` / ``dkd``). Each owns one
+:class:`GlobalTemperature` as a submodule, so ``θ`` joins the student's optimiser (same group, same weight
+decay, as official) and its checkpoint; λ is :func:`ctkd_lambda` of the 1-based epoch, as the official loop
+computes it at the start of each epoch. The CTKD+DKD script line (``--distill dkd -r 1 -a 0 -b 1 --dkd_alpha 1
+--dkd_beta 2``, run with the script's CTKD flags) also adds ``0·KD_τ``: left out here (it adds 0 to the loss and,
+under the PyTorch 1.11 semantics above, 0 to every gradient). A logit transform (``distill/logit_transform=ls``)
+feeds the distillation term only, never the CE; CTKD+LS of the LS repository is ``CTKD`` with it. The τ of the
+latest step is ``last_temperature`` (a detached 0-dim tensor on the loss's device, no host sync; None before the
+first step) and its λ ``last_lambda``: a loss term cannot carry them, the caller logs them.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kdx.distill.base import Strategy
+from kdx.errors import ConfigError
 
 
 class GradientReversal(torch.autograd.Function):
@@ -134,3 +149,74 @@ def dkd_loss_learnable_t(
     q_t = F.softmax(z_t - 1000.0 * gt, dim=1)
     nckd = _masked_kl_sum(q_t, F.log_softmax(z_s - 1000.0 * gt, dim=1)) * t**2 / batch
     return alpha * tckd + beta * nckd
+
+
+class CurriculumTemperature(Strategy):
+    """What CTKD's strategies share: the temperature submodule, the λ curriculum, ``w_ce·CE``, and
+    ``last_temperature`` / ``last_lambda``. Subclasses give the distillation term (:meth:`distill_terms`)."""
+
+    def __init__(
+        self, w_ce: float, t_start: float, t_range: float, decay_max: float, decay_min: float, decay_loops: int,
+        cosine_decay: bool, teacher_transform=None, logit_transform=None,
+    ) -> None:
+        super().__init__(teacher_transform, logit_transform)
+        if t_start < 0 or t_range <= 0:
+            raise ConfigError(f"distill.t_start={t_start}, distill.t_range={t_range}: the temperature "
+                              "t_start + t_range·σ(θ) must stay positive (t_start >= 0, t_range > 0).")
+        if decay_loops <= 0:
+            raise ConfigError(f"distill.decay_loops={decay_loops}: the λ curriculum needs at least one epoch.")
+        self.w_ce = float(w_ce)
+        self.decay = dict(decay_max=float(decay_max), decay_min=float(decay_min), decay_loops=decay_loops,
+                          cosine=bool(cosine_decay))
+        self.global_temperature = GlobalTemperature(t_start, t_range)
+        self.last_temperature: Optional[Tensor] = None
+        self.last_lambda: Optional[float] = None
+
+    def temperature(self, epoch: int) -> Tensor:
+        """τ for a step of the 1-based ``epoch`` (its gradient scaled by λ(epoch)); recorded as ``last_*``."""
+        self.last_lambda = ctkd_lambda(epoch, **self.decay)
+        tau = self.global_temperature(self.last_lambda)
+        self.last_temperature = tau.detach().reshape(())
+        return tau
+
+    def distill_terms(self, z_s: Tensor, z_t: Tensor, target: Tensor, tau: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        tau = self.temperature(epoch)
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
+        z = student.logits
+        ce = self.w_ce * F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), batch.y)
+        return {"ce": ce, **self.distill_terms(z_s, z_t, batch.y, tau)}
+
+
+class CTKD(CurriculumTemperature):
+    """CTKD + KD (``distill=ctkd``): ``w_ce·CE + w_kd·KD_τ``."""
+
+    def __init__(
+        self, w_ce: float = 0.1, w_kd: float = 0.9, t_start: float = 1.0, t_range: float = 20.0,
+        decay_max: float = 0.0, decay_min: float = -1.0, decay_loops: int = 10, cosine_decay: bool = True,
+        teacher_transform=None, logit_transform=None,
+    ) -> None:
+        super().__init__(w_ce, t_start, t_range, decay_max, decay_min, decay_loops, cosine_decay, teacher_transform,
+                         logit_transform)
+        self.w_kd = float(w_kd)
+
+    def distill_terms(self, z_s: Tensor, z_t: Tensor, target: Tensor, tau: Tensor) -> dict[str, Tensor]:
+        return {"kd": self.w_kd * kd_loss_learnable_t(z_s, z_t, tau)}
+
+
+class CTKDDKD(CurriculumTemperature):
+    """CTKD + DKD (``distill=ctkd_dkd``): ``w_ce·CE + w_dkd·(α·TCKD_τ + β·NCKD_τ)``, no warm-up."""
+
+    def __init__(
+        self, w_ce: float = 1.0, w_dkd: float = 1.0, alpha: float = 1.0, beta: float = 2.0, t_start: float = 1.0,
+        t_range: float = 20.0, decay_max: float = 0.0, decay_min: float = -1.0, decay_loops: int = 10,
+        cosine_decay: bool = True, teacher_transform=None, logit_transform=None,
+    ) -> None:
+        super().__init__(w_ce, t_start, t_range, decay_max, decay_min, decay_loops, cosine_decay, teacher_transform,
+                         logit_transform)
+        self.w_dkd, self.alpha, self.beta = float(w_dkd), float(alpha), float(beta)
+
+    def distill_terms(self, z_s: Tensor, z_t: Tensor, target: Tensor, tau: Tensor) -> dict[str, Tensor]:
+        return {"dkd": self.w_dkd * dkd_loss_learnable_t(z_s, z_t, target, self.alpha, self.beta, tau)}
