@@ -36,14 +36,28 @@ ce_weight 0.1, kd_weight 0.9 (the ``KD`` defaults; no yaml overrides them), SGD 
 batch 64, lr ×0.1 after epochs 150/180/210; lr 0.025 and 240 epochs for res56→res20, res110→res32,
 res32x4→res8x4, vgg13→vgg8, wrn40_2→wrn_16_2, wrn40_2→wrn_40_1; lr 0.01 and 480 epochs for res50→MobileNetV2,
 vgg13→MobileNetV2, wrn40_2→ShuffleV1; lr 0.01 and 960 epochs for res32x4→ShuffleV1/ShuffleV2 (still decayed at
-150/180/210). Only logits are read; the student is trained and evaluated on its weak-view logits.
+150/180/210). Only logits are read; the student is trained and evaluated on its weak-view logits. (The six
+240-epoch configs said 480 epochs until the repository's last commit, Sep. 2024; the paper's numbers are from that
+time.) Logit standardisation (``logit_transform``, the LS repository's MLKD+LS, sunshangquan/logit-standardization-KD
+``mdistiller/distillers/MLKD.py``): both sides' logits of both views go through it in the KD terms only; the CE, the
+correlation terms and the masks keep the raw logits.
+
+Strategies: :class:`MLKD` (``distill=mlkd``, views ``("strong",)``) returns the terms of :func:`mlkd_loss`.
+:class:`MLKDWeak` (``distill=mlkd_weak``, no extra view) is the single-view variant other papers run,
+``MLKD_NOAUG`` of zju-SWJ/RLD @ 8b6cf60 (``mdistiller/distillers/MLKD_NOAUG.py``, standard mdistiller trainer and
+crop+flip loader): every strong-view part is dropped, i.e. ``w_ce·CE(s_w, y)`` once, ``kd_weak``, ``cc`` and ``bc``
+(no ``kd_strong``, no ``kd_weak_repeat``); its recipes are the standard protocol (240 epochs, lr 0.05, 0.01 for
+MobileNetV2/ShuffleNets).
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdx.distill.base import Strategy
 from kdx.distill.losses import kd_loss
 
 
@@ -86,22 +100,54 @@ def mlkd_loss(
     temperature: float = 4.0,
     ce_weight: float = 0.1,
     kd_weight: float = 0.9,
+    logit_transform: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(total, terms)``: the official MLKD loss and its weighted parts (module docstring); ``total`` is the
-    sum of ``terms`` added in the official order. Logits ``[B, C]`` of both views, ``target`` ``[B]``."""
+    sum of ``terms`` added in the official order. Logits ``[B, C]`` of both views, ``target`` ``[B]``.
+    ``logit_transform`` (e.g. LS) is applied to the inputs of the KD terms only (None: identity)."""
     s_w, s_s = _at_least_f32(logits_student_weak), _at_least_f32(logits_student_strong)
     t_w, t_s = _at_least_f32(logits_teacher_weak), _at_least_f32(logits_teacher_strong)
     m_b, m_c = confidence_factors(t_w)
+    k_sw, k_ss, k_tw, k_ts = (s_w, s_s, t_w, t_s) if logit_transform is None else (
+        logit_transform(s_w), logit_transform(s_s), logit_transform(t_w), logit_transform(t_s))
     temps = (temperature, 3.0, 5.0, 2.0, 6.0)
     w = kd_weight
     terms = {
         "ce": ce_weight * (F.cross_entropy(s_w, target) + F.cross_entropy(s_s, target)),
-        "kd_weak": sum(w * (kd_loss(s_w, t_w, tau) * m_b) for tau in temps),
-        "kd_strong": sum(w * kd_loss(s_s, t_s, tau) for tau in temps[:3]),
-        "kd_weak_repeat": sum(w * kd_loss(s_w, t_w, tau) for tau in temps[3:]),
+        "kd_weak": sum(w * (kd_loss(k_sw, k_tw, tau) * m_b) for tau in temps),
+        "kd_strong": sum(w * kd_loss(k_ss, k_ts, tau) for tau in temps[:3]),
+        "kd_weak_repeat": sum(w * kd_loss(k_sw, k_tw, tau) for tau in temps[3:]),
         "cc": sum(w * (class_correlation_loss(s_w, t_w, tau) * m_c) for tau in temps),
         "bc": sum(w * (batch_correlation_loss(s_w, t_w, tau) * m_b) for tau in temps),
     }
     loss_kd = terms["kd_weak"] + (terms["kd_strong"] + terms["kd_weak_repeat"])
     total = terms["ce"] + loss_kd + terms["cc"] + terms["bc"]
     return total, terms
+
+
+class MLKD(Strategy):
+    """``distill=mlkd``: the official loss on the weak batch and its strong view (terms of :func:`mlkd_loss`)."""
+
+    views = ("strong",)
+
+    def __init__(self, temperature: float = 4.0, w_ce: float = 0.1, w_kd: float = 0.9, teacher_transform=None,
+                 logit_transform=None) -> None:
+        super().__init__(teacher_transform, logit_transform)
+        self.temperature, self.w_ce, self.w_kd = float(temperature), float(w_ce), float(w_kd)
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        _, terms = mlkd_loss(student.logits, student.views["strong"], teacher.logits, teacher.views["strong"],
+                             batch.y, self.temperature, self.w_ce, self.w_kd, self.logit_transform)
+        return terms
+
+
+class MLKDWeak(MLKD):
+    """``distill=mlkd_weak``: MLKD without the strong view (RLD's ``MLKD_NOAUG``; module docstring)."""
+
+    views = ()
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        s_w, t_w = student.logits, teacher.logits
+        _, terms = mlkd_loss(s_w, s_w, t_w, t_w, batch.y, self.temperature, self.w_ce, self.w_kd, self.logit_transform)
+        ce = self.w_ce * F.cross_entropy(_at_least_f32(s_w), batch.y)
+        return {"ce": ce, "kd_weak": terms["kd_weak"], "cc": terms["cc"], "bc": terms["bc"]}
