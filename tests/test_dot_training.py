@@ -17,7 +17,7 @@ from kdx.run import build_job
 
 
 def _fit(tmp_path, teacher_ckpt, extra: list[str], monkeypatch):
-    """Build distill=kd optim=dot on the tiny job, record each step's inputs, fit; returns (job, init weights, steps)."""
+    """distill=kd optim=dot on the tiny job: build, record each step's inputs, fit; (job, initial weights, steps)."""
     cfg = compose_cfg(TINY + ["distill=kd", "optim=dot", f"teacher.ckpt={teacher_ckpt}"] + extra, tmp_path)
     job = build_job(cfg)
     init = copy.deepcopy(job.module.student.state_dict())
