@@ -24,11 +24,20 @@ usual 150/180/210 schedule. Only the logits are read; the teacher runs under ``n
 Quirk (kept): the loss is not invariant to rescaling the logits (softmax is taken first); it is
 invariant to a per-sample shift of either side's logits, and the inter (intra) term to a positive
 affine map of each probability row (column), up to the 1e-8.
+
+Strategy (``distill=dist``, :class:`DIST`): ``w_ce·CE + w_dist·(β·τ²·L_inter + γ·τ²·L_intra)``, logged as
+the terms ``ce``, ``inter`` and ``intra``; defaults w_ce 1, w_dist 2, β = γ = 1, τ = 4 (the CIFAR recipe
+above). The CE is taken on the raw logits; a logit transform (``distill/logit_transform=ls``) feeds only the
+DIST terms.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import Strategy
+from kdx.errors import ConfigError
 
 
 def _float(x: Tensor) -> Tensor:
@@ -66,3 +75,25 @@ def dist_loss(
     """DIST: ``β·τ²·L_inter + γ·τ²·L_intra`` (no CE; the official CIFAR weight on this is 2)."""
     inter, intra = dist_terms(logits_student, logits_teacher, tau)
     return beta * inter + gamma * intra
+
+
+class DIST(Strategy):
+    """``w_ce·CE + w_dist·(β·τ²·L_inter + γ·τ²·L_intra)`` (see the module docstring)."""
+
+    def __init__(
+        self, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0, w_ce: float = 1.0, w_dist: float = 2.0,
+        teacher_transform=None, logit_transform=None,
+    ) -> None:
+        super().__init__(teacher_transform, logit_transform)
+        if not tau > 0:
+            raise ConfigError(f"distill.tau={tau}: the DIST temperature must be > 0.")
+        self.beta, self.gamma, self.tau, self.w_ce, self.w_dist = beta, gamma, tau, w_ce, w_dist
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
+        inter, intra = dist_terms(z_s, z_t, self.tau)
+        return {
+            "ce": self.w_ce * F.cross_entropy(_float(student.logits), batch.y),
+            "inter": self.w_dist * self.beta * inter,
+            "intra": self.w_dist * self.gamma * intra,
+        }

@@ -22,12 +22,21 @@ branch does not read, so the base schedule applies: SGD 0.1, momentum 0.9, wd 1e
 100/150, 200 epochs, 16 images per GPU (8 GPUs by the name). Only logits are read.
 
 SDD's copy of NKD (shicaiwei123/SDD-CVPR2024) differs: see :func:`nkd_per_sample` ``drop_target``.
+
+Strategy (``distill=nkd``, :class:`NKD`): ``w_ce·CE + L_NKD`` with T = 3, γ = 3.5, w_ce = 1 (the CIFAR config
+above; the official loss has no weight of its own and no warm-up), logged as ``ce`` and ``nkd``. kdx runs it on
+the DKD table's protocol (``experiment=cifar100/dkd/<pair> distill=nkd``), not on the mmcls schedule, which was
+written for mmcls's ResNet-34 → ResNet-18 only. The CE is taken on the raw logits; a logit transform
+(``distill/logit_transform=ls``) feeds only L_NKD.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import Strategy
+from kdx.errors import ConfigError
 
 
 def nkd_per_sample(
@@ -62,3 +71,21 @@ def nkd_loss(
 ) -> Tensor:
     """NKD ``L_t + L_nt`` averaged over the batch (no CE)."""
     return nkd_per_sample(logits_student, logits_teacher, target, temperature, gamma).mean()
+
+
+class NKD(Strategy):
+    """``w_ce·CE + L_NKD(T, γ)`` (see the module docstring)."""
+
+    def __init__(
+        self, temperature: float = 3.0, gamma: float = 3.5, w_ce: float = 1.0, teacher_transform=None,
+        logit_transform=None,
+    ) -> None:
+        super().__init__(teacher_transform, logit_transform)
+        if not temperature > 0:
+            raise ConfigError(f"distill.temperature={temperature}: the NKD temperature must be > 0.")
+        self.temperature, self.gamma, self.w_ce = temperature, gamma, w_ce
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
+        ce = F.cross_entropy(student.logits.to(torch.promote_types(student.logits.dtype, torch.float32)), batch.y)
+        return {"ce": self.w_ce * ce, "nkd": nkd_loss(z_s, z_t, batch.y, self.temperature, self.gamma)}

@@ -23,12 +23,21 @@ Official CIFAR-100 recipe (``train_student.py`` defaults, RepDistiller-style): b
 weight r = 1. The only per-pair values in the repository are the README examples: vgg13 → vgg8 TTM
 l = 0.1, β = 45; WTTM + CRD l = 0.2, a = 4 (WTTM), b = 0.8 (CRD). The paper lists T (= 1/l) and β of
 every pair in its appendix A.4, which is not in the repository. Only logits are read.
+
+Strategies (``distill=ttm`` :class:`TTM`, ``distill=wttm`` :class:`WTTM`): ``w_ce·CE + β·L`` (the official
+``-a 0`` leaves out the additional KD term), logged as ``ce`` and ``ttm`` / ``wttm``. Defaults are the README's
+examples, the only per-pair values in the repository: TTM l = 0.1, β = 45 (vgg13 → vgg8); WTTM l = 0.2,
+β = 4 (its weight in the WTTM + CRD example); w_ce = 1. The CE is taken on the raw logits; a logit transform
+(``distill/logit_transform=ls``) feeds only L.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdx.distill.base import Strategy
+from kdx.errors import ConfigError
 
 
 def _kl_rows(logits_student: Tensor, logits_teacher: Tensor, l: float) -> tuple[Tensor, Tensor]:
@@ -52,3 +61,37 @@ def wttm_loss(logits_student: Tensor, logits_teacher: Tensor, l: float) -> Tenso
     """WTTM: ``mean_b (Σ_c t_c^l)·KL(softmax(z_t)^l / Σ ‖ softmax(z_s))`` (no CE, no T²)."""
     kl, power_sum = _kl_rows(logits_student, logits_teacher, l)
     return (power_sum * kl).mean()
+
+
+class TTM(Strategy):
+    """``w_ce·CE + β·L_TTM(l)`` (see the module docstring)."""
+
+    loss_fn = staticmethod(ttm_loss)
+    term = "ttm"
+
+    def __init__(
+        self, l: float = 0.1, beta: float = 45.0, w_ce: float = 1.0, teacher_transform=None,  # noqa: E741
+        logit_transform=None,
+    ) -> None:
+        super().__init__(teacher_transform, logit_transform)
+        if not l > 0:
+            raise ConfigError(f"distill.l={l}: the power of the teacher's probabilities (1/T) must be > 0.")
+        self.l, self.beta, self.w_ce = l, beta, w_ce
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        z_s, z_t = self.transform_logits(student.logits, teacher.logits)
+        ce = F.cross_entropy(student.logits.to(torch.promote_types(student.logits.dtype, torch.float32)), batch.y)
+        return {"ce": self.w_ce * ce, self.term: self.beta * self.loss_fn(z_s, z_t, self.l)}
+
+
+class WTTM(TTM):
+    """``w_ce·CE + β·L_WTTM(l)`` (see the module docstring)."""
+
+    loss_fn = staticmethod(wttm_loss)
+    term = "wttm"
+
+    def __init__(
+        self, l: float = 0.2, beta: float = 4.0, w_ce: float = 1.0, teacher_transform=None,  # noqa: E741
+        logit_transform=None,
+    ) -> None:
+        super().__init__(l, beta, w_ce, teacher_transform, logit_transform)
