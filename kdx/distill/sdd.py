@@ -41,6 +41,13 @@ SDD-NKD: reads the DKD config, so T = ``DKD.T`` = 4, γ = ``DKD.BETA`` (8, or th
 DKD), CE 1, warm-up ``DKD.WARMUP`` = 20. M per pair (run scripts ``teacher_*.sh``): [1,2] for
 vgg13→vgg8 (all three), resnet32x4→resnet8x4 (SDD-KD, SDD-NKD), ResNet50→vgg8 and wrn40_2→vgg8
 (SDD-NKD); vgg13→MobileNetV2 SDD-NKD was run with both; [1,2,4] for the other listed pairs.
+
+Strategies (``distill=sdd_kd`` :class:`SDDKD`, ``sdd_dkd`` :class:`SDDDKD`, ``sdd_nkd`` :class:`SDDNKD`): both
+networks' ``final_map`` tap through their own classifier (``needs_head``; the teacher's without gradient), CE on
+the ordinary student logits, and the weighted SDD term, logged as ``ce`` and ``kd`` / ``dkd`` / ``nkd``
+(SDD-DKD/NKD: times ``min(e/warmup, 1)``). ``scales`` is M. With ``scales=[1]`` the official distillers
+(``M == '[1]'``) take the base loss on the ordinary logits instead (KD, DKD, or SDD's NKD with its mask quirk,
+without the non-finite fallback); so do these.
 """
 from __future__ import annotations
 
@@ -50,7 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdx.distill.base import Strategy, warmup_factor
+from kdx.distill.losses import dkd_loss, kd_loss
 from kdx.distill.nkd import nkd_per_sample
+from kdx.errors import ConfigError
 
 _GRID = 4  # every scale is pooled from a 4×4 average-pooled grid, as in the official SPP module
 
@@ -60,13 +70,20 @@ def _float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def check_scales(scales: Sequence[int], setting: str = "scales") -> tuple[int, ...]:
+    """``scales`` as a tuple of ints: increasing values from {1, 2, 4}, the first 1 (else ValueError naming it)."""
+    scales = tuple(int(s) for s in scales)
+    if not scales or scales[0] != 1 or any(s not in (1, 2, 4) for s in scales) or list(scales) != sorted(set(scales)):
+        raise ValueError(f"{setting}={list(scales)}: need increasing values from (1, 2, 4) starting with 1 (the "
+                         "global cell), e.g. [1, 2, 4] or [1, 2]")
+    return scales
+
+
 def multi_scale_logits(
     feature_map: Tensor, classifier: Callable[[Tensor], Tensor], scales: Sequence[int] = (1, 2, 4)
 ) -> Tensor:
     """Region logits [B, K, N] of a feature map [B, C, H, W]; ``scales`` increasing, from {1, 2, 4}, first 1."""
-    scales = tuple(int(s) for s in scales)
-    if not scales or scales[0] != 1 or any(s not in (1, 2, 4) for s in scales) or list(scales) != sorted(set(scales)):
-        raise ValueError(f"scales={scales!r}: need increasing values from (1, 2, 4) starting with 1 (the global cell)")
+    scales = check_scales(scales)
     grid = F.adaptive_avg_pool2d(feature_map, _GRID)
     regions = torch.cat([F.adaptive_avg_pool2d(grid, s).flatten(2) for s in scales], dim=2)  # [B, C, N]
     b, c, n = regions.shape
@@ -152,3 +169,89 @@ def sdd_nkd_loss(
                           temperature, gamma, drop_target=fix_non_target_mask)
     w = region_weights(logits_teacher_multi, target).to(rows.dtype)
     return _finite_or_zero((rows * w).sum() / rows.shape[0])
+
+
+class _SDD(Strategy):
+    """What the SDD strategies share: region logits of both networks and the CE on the ordinary logits."""
+
+    student_taps = ("final_map",)
+    teacher_taps = ("final_map",)
+    needs_head = True
+
+    def __init__(self, scales: Sequence[int], temperature: float, w_ce: float) -> None:
+        super().__init__()
+        try:
+            self.scales = check_scales(scales, "distill.scales")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not temperature > 0:
+            raise ConfigError(f"distill.temperature={temperature}: the temperature must be > 0.")
+        self.temperature, self.w_ce = temperature, w_ce
+
+    @property
+    def global_only(self) -> bool:
+        """M = [1]: the official distillers then use the base loss on the ordinary logits."""
+        return self.scales == (1,)
+
+    def inputs(self, student, teacher) -> tuple[Tensor, Tensor]:
+        """Region logits [B, K, N] of student and teacher, or the ordinary logits [B, K] when M = [1]."""
+        if self.global_only:
+            return _float(student.logits), _float(teacher.logits)
+        s = multi_scale_logits(student.taps["final_map"][0], student.head, self.scales)
+        with torch.no_grad():
+            t = multi_scale_logits(teacher.taps["final_map"][0], teacher.head, self.scales)
+        return s, t
+
+    def ce(self, student, batch) -> Tensor:
+        return self.w_ce * F.cross_entropy(_float(student.logits), batch.y)
+
+
+class SDDKD(_SDD):
+    """SDD-KD: ``w_ce·CE + w_kd·SDD-KD(T)``; official T 4, CE 0.1, KD 0.9, no warm-up."""
+
+    def __init__(
+        self, temperature: float = 4.0, w_ce: float = 0.1, w_kd: float = 0.9, scales: Sequence[int] = (1, 2, 4)
+    ) -> None:
+        super().__init__(scales, temperature, w_ce)
+        self.w_kd = w_kd
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        s, t = self.inputs(student, teacher)
+        loss = kd_loss(s, t, self.temperature) if self.global_only else sdd_kd_loss(s, t, batch.y, self.temperature)
+        return {"ce": self.ce(student, batch), "kd": self.w_kd * loss}
+
+
+class SDDDKD(_SDD):
+    """SDD-DKD: ``w_ce·CE + min(e/W, 1)·SDD-DKD(α, β, T)``; official CE 1, α 1, β 8 (per pair), T 4, W 20."""
+
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, w_ce: float = 1.0, warmup: int = 20,
+        scales: Sequence[int] = (1, 2, 4),
+    ) -> None:
+        super().__init__(scales, temperature, w_ce)
+        self.alpha, self.beta, self.warmup = alpha, beta, warmup
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        s, t = self.inputs(student, teacher)
+        fn = dkd_loss if self.global_only else sdd_dkd_loss
+        loss = fn(s, t, batch.y, self.alpha, self.beta, self.temperature)
+        return {"ce": self.ce(student, batch), "dkd": warmup_factor(epoch, self.warmup) * loss}
+
+
+class SDDNKD(_SDD):
+    """SDD-NKD: ``w_ce·CE + min(e/W, 1)·SDD-NKD(T, γ)``; official CE 1, T 4, γ 8 (DKD's β, per pair), W 20."""
+
+    def __init__(
+        self, temperature: float = 4.0, gamma: float = 8.0, w_ce: float = 1.0, warmup: int = 20,
+        scales: Sequence[int] = (1, 2, 4), fix_non_target_mask: bool = False,
+    ) -> None:
+        super().__init__(scales, temperature, w_ce)
+        self.gamma, self.warmup, self.fix_non_target_mask = gamma, warmup, bool(fix_non_target_mask)
+
+    def loss_terms(self, student, teacher, batch, epoch):
+        s, t = self.inputs(student, teacher)
+        if self.global_only:
+            loss = nkd_per_sample(s, t, batch.y, self.temperature, self.gamma, self.fix_non_target_mask).mean()
+        else:
+            loss = sdd_nkd_loss(s, t, batch.y, self.temperature, self.gamma, self.fix_non_target_mask)
+        return {"ce": self.ce(student, batch), "nkd": warmup_factor(epoch, self.warmup) * loss}
