@@ -31,6 +31,7 @@ from kdx.errors import CheckpointError, ConfigError
 from kdx.features import attach_feature_taps, check_config_taps
 from kdx.labels import run_label
 from kdx.loggers import build_logger
+from kdx.labels import model_name
 from kdx.optimizers import SplitLossOptimizer
 from kdx.regimes.base import KDModule, Parts
 from kdx.regimes.step import StepParts
@@ -222,7 +223,8 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
         split_losses=isinstance(optimizer, functools.partial) and issubclass(optimizer.func, SplitLossOptimizer),
     )
     module = regime(parts)
-    pair = cfg.model.name if teacher is None else f"{teacher.info.get('arch') or 'teacher'}-{cfg.model.name}"
+    student_name = model_name(cfg.model)
+    pair = student_name if teacher is None else f"{teacher.info.get('arch') or 'teacher'}-{student_name}"
     logger = build_logger(cfg, {"method": method, "dataset": ctx.dataset_key, "pair": pair, "seed": int(cfg.seed)})
     trainer = _trainer(cfg, module, logger, out)
     if trainer.world_size > 1 and not strategy.supports_ddp:

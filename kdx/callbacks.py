@@ -30,9 +30,11 @@ class Checkpoint(ModelCheckpoint):
     - file names count epochs from 1, as ``best_epoch`` and the history do (``best-epoch001.ckpt`` is epoch 1).
     """
 
+    # after the parent's own save, in the same hook (the other one would mark the step saved and block its top-k)
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_validation_end(trainer, pl_module)
-        self._save_last_if_behind(trainer)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -498,9 +498,11 @@ def plot_accuracy(report: Report, path: Path, metric: Metric = "both") -> None:
         ax.set_ylabel("top-1 test accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
     handles = [Line2D([], [], ls="", marker=mk, color=c, label=f"{m} epoch, each seed") for m, mk, c, _ in series]
-    handles += [Line2D([], [], ls="", marker="_", markersize=14, color="black", label="mean ± std"),
-                Line2D([], [], ls="", marker="x", color="tab:red", label="paper"),
-                Line2D([], [], ls="--", color="gray", label="teacher")]
+    handles.append(Line2D([], [], ls="", marker="_", markersize=14, color="black", label="mean ± std"))
+    if any(c.paper is not None for row in report.rows for c in _columns(row)):  # a legend entry only for what is drawn
+        handles.append(Line2D([], [], ls="", marker="x", color="tab:red", label="paper"))
+    if any((row.cells.get("teacher") is not None and row.cells["teacher"].values["best"]) for row in report.rows):
+        handles.append(Line2D([], [], ls="--", color="gray", label="teacher"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 + min(3, len(axes))), fontsize=8)
     _save(fig, path)
 

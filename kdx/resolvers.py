@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from kdx.paths import default_cache_dir, default_data_root, default_teachers_dir
-from kdx.labels import method_label
+from kdx.labels import method_label, model_name
 from kdx.sweep.folders import fixed_keys, job_subdir, path_safe, run_dir, sweep_dir
 from kdx.sweep.launch import launcher_gpus, launcher_tasks
 
@@ -16,6 +16,7 @@ def register_resolvers() -> None:
         "kdx_teachers_dir": default_teachers_dir,
         "kdx_cache_dir": default_cache_dir,
         "kdx_method": method_label,
+        "kdx_model_name": model_name,
         "kdx_job_subdir": job_subdir,
         "kdx_run_dir": run_dir,
         "kdx_launcher_tasks": launcher_tasks,

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import kdx
 from kdx.dist import is_rank_zero
 from kdx.io import atomic_torch_save, atomic_write_json, load_state_dict_file, sha256_file
+from kdx.labels import model_name
 
 
 def git_revision() -> Optional[str]:
@@ -61,7 +62,7 @@ def export(trainer: Any, module: Any, cfg: DictConfig, dm: Any, results: dict[st
     if best_path and Path(best_path).is_file():
         atomic_torch_save(load_state_dict_file(best_path, "checkpoint"), out / "student_best.pt")
     meta = {
-        "arch": cfg.model.name,
+        "arch": model_name(cfg.model),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dataset": dm.dataset_key,
         "num_classes": int(dm.num_classes),
@@ -112,7 +113,7 @@ def resume_command(cfg: DictConfig) -> str:
     return " ".join(["python -m kdx", *(shlex.quote(o) for o in overrides), *tail])
 
 
-def failure_record(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
+def failure_record(cfg: DictConfig, error: BaseException, signal_name: Optional[str] = None) -> dict[str, Any]:
     """What results.json holds for a run that stopped early: ``failed`` (an error) or ``interrupted`` (Ctrl-C,
     SIGTERM), the epoch its last checkpoint reached, that checkpoint, and the command that resumes it."""
     out = Path(str(cfg.paths.output_dir))
@@ -129,7 +130,7 @@ def failure_record(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
         "status": "interrupted" if interrupted else "failed",
         "task": cfg.get("task"),
         "method": cfg.get("method"),
-        "error": "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(error).__name__}: {error}",
+        "error": (f"stopped by {signal_name or 'Ctrl-C'}" if interrupted else f"{type(error).__name__}: {error}"),
         "epochs": cfg.trainer.get("max_epochs") if "trainer" in cfg else None,
         "epochs_done": done,
         "last_checkpoint": str(last) if last.is_file() else None,
@@ -141,12 +142,13 @@ def failure_record(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
     }
 
 
-def write_failure_record(cfg: DictConfig, error: BaseException) -> Optional[dict[str, Any]]:
+def write_failure_record(cfg: DictConfig, error: BaseException,
+                         signal_name: Optional[str] = None) -> Optional[dict[str, Any]]:
     """Write :func:`failure_record` into results.json (this process only if it is rank 0); never raises."""
     try:
         if not is_rank_zero():
             return None
-        record = failure_record(cfg, error)
+        record = failure_record(cfg, error, signal_name)
         atomic_write_json(Path(str(cfg.paths.output_dir)) / "results.json", record)
         return record
     except Exception:  # the record is a courtesy: never hide the original error behind one of its own

@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 import kdx
 from kdx.build import build
 from kdx.config import TASKS
+from kdx.console import one_line_per_event
 from kdx.errors import ConfigError
 from kdx.io import atomic_write_json
+from kdx.labels import model_name
 from kdx.loggers import close_logger, log_config, log_results
 from kdx.results import export, git_revision, resources, training_budget, write_failure_record
 from kdx.sweep.resume import prepare_job
@@ -39,14 +41,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     or ``interrupted`` (Ctrl-C, SIGTERM), with the epoch its last checkpoint reached and the command that resumes
     it (:func:`kdx.results.failure_record`); then the error goes on to the caller.
     """
+    one_line_per_event()
     task = cfg.get("task")
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}.")
+    received: list[str] = []
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(received):
             return _TASKS[task](cfg)
     except BaseException as e:
-        record = write_failure_record(cfg, e)
+        record = write_failure_record(cfg, e, received[0] if received else None)
         if record is not None:
             log.error("%s: %s. Epochs done: %s of %s. Record: %s. Resume: %s", record["status"].capitalize(),
                       record["error"].rstrip("."), record["epochs_done"], record["epochs"], Path(record["output_dir"]) / "results.json",
@@ -55,7 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt(received: list[str]) -> Iterator[None]:
     """SIGTERM (a scheduler's stop, ``kill``) stops the run as Ctrl-C does, so it leaves its record; only where no
     one else handles SIGTERM (Lightning's SLURM environment installs its own) and in the main thread."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
@@ -63,6 +67,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum, frame):
+        received.append("SIGTERM")
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -85,6 +90,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         log_config(logger, cfg)
         what = "Training" if job.trains_teacher else f"Distilling ({job.method})"
         log.info("%s %s on %s → %s", what, job.pair, ctx.dataset_key, out)
+        if teacher is not None:
+            log.info("Teacher: %s", teacher.describe())
     started = _dt.datetime.now().isoformat(timespec="seconds")
     t0 = time.time()
     try:
@@ -100,7 +107,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "method": job.method,
         "dataset": ctx.dataset_key,
         "data": dm.describe(),
-        "student": cfg.model.name,
+        "student": model_name(cfg.model),
         "teacher": None if teacher is None else teacher.info.get("arch"),
         "pair": job.pair,
         "seed": int(cfg.seed),
@@ -132,18 +139,23 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         export(trainer, module, cfg, dm, results, job.trains_teacher)
         if job.trains_teacher and cfg.register_teacher:
             store = TeacherStore(cfg.paths.teachers)
-            with store.lock(ctx.dataset_key, cfg.model.name):
-                store.register(ctx.dataset_key, cfg.model.name, Path(results["teacher_path"]), results["teacher_meta"])
+            with store.lock(ctx.dataset_key, model_name(cfg.model)):
+                store.register(ctx.dataset_key, model_name(cfg.model), Path(results["teacher_path"]), results["teacher_meta"])
         atomic_write_json(out / "results.json", results)
         log_results(logger, results)  # W&B: the run summary holds results.json's fields
-        log.info("test/acc1 last %.2f, best-epoch %s → results in %s", results["test_acc1_last"] or float("nan"),
-                 results["best_epoch"], out / "results.json")
+        log.info("Test top-1 %s after the last epoch (%d), %s at the best epoch (%s, chosen on the %s); wall time "
+                 "%.0f s → %s", _pct(results["test_acc1_last"]), results["epochs_done"], _pct(results["test_acc1_best"]),
+                 results["best_epoch"], results["best_selected_on"], wall, out / "results.json")
     trainer.strategy.barrier()
     close_logger(logger, "success")
     if job.trains_teacher and "teacher_path" not in results:  # ranks > 0 read rank 0's exports
         results["teacher_path"] = str(out / "teacher.pt")
         results["teacher_meta"] = _read_json(out / "teacher.json")
     return results
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.2f} %"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

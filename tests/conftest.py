@@ -92,10 +92,17 @@ def tiny():
     return list(TINY)
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a test's ``python -m kdx``: offline, no W&B, the tests' helper module (``kdx_test_helpers``)
+    importable."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+
+
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    """``python -m kdx <args>`` in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "kdx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kdx", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
 
 

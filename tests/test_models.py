@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kdx.errors import ConfigError  # noqa: E402
 from kdx.models import create_model, default_taps, list_models  # noqa: E402
 
 # Exact counts (num_classes=100), measured and checked against the published CIFAR-100 zoo
@@ -183,9 +184,30 @@ def test_timm_pretrained_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:
         create_model("timm/resnet10t", num_classes=100, pretrained=True)
     msg = str(err.value)
-    assert "could not fetch" in msg.lower() and "resnet10t" in msg
+    assert msg.startswith("model.pretrained=true") and "resnet10t" in msg
     assert "HF_HUB_OFFLINE" in msg and "network" in msg
     assert "pretrained=false" in msg and "cache" in msg.lower()
+
+
+def test_timm_pretrained_without_network_fails_in_seconds(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE set and no network: kdx probes the hub, finds it unreachable and switches the hub to its
+    offline mode, so the error comes from the (empty) local cache at once instead of after ~45 s of retries."""
+    import time
+
+    import huggingface_hub.constants as hf_constants
+    from kdx.models import timm_models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
+    assert not timm_models.hub_reachable()
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"model.pretrained=true.*no network"):
+        create_model("timm/resnet10t", num_classes=100, pretrained=True)
+    assert hf_constants.HF_HUB_OFFLINE is True
+    print(f"failed after {time.monotonic() - start:.2f} s")

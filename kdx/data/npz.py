@@ -181,7 +181,11 @@ def peek_array_file(path: str) -> dict:
 
 
 class ArrayFileDataModule(ArrayDataModule):
-    """Any dataset stored as an array file (see the module docstring for layouts).
+    """Any dataset stored as an array file (see the module docstring for layouts), any number of classes
+    (``data=array data.path=<file>.npz``): the class count is the number of ``class_names`` when the file has
+    them, else the largest training label + 1.
+
+    ``name`` (the dataset key: teacher store, results, report) defaults to the file's name without ``.npz``.
 
     ``mean``/``std`` default to per-channel statistics of the file's train split.
     A relative ``path`` is looked up under ``root`` when ``root`` is given.
@@ -190,7 +194,7 @@ class ArrayFileDataModule(ArrayDataModule):
     def __init__(
         self,
         path: str,
-        name: str = "array",
+        name: str | None = None,
         root: str | None = None,
         mean: tuple[float, ...] | list[float] | None = None,
         std: tuple[float, ...] | list[float] | None = None,
@@ -200,6 +204,8 @@ class ArrayFileDataModule(ArrayDataModule):
         path = os.path.expanduser(str(path))
         if root is not None and not os.path.isabs(path) and os.path.exists(os.path.join(root, path)):
             path = os.path.join(root, path)
+        if name is None:  # the file's name is the dataset key (teacher store, results, report)
+            name = os.path.basename(path).removesuffix(".npz")
         super().__init__(name=name, root=root if root is not None else os.path.dirname(os.path.abspath(path)), **common)
         self.path = path
         self.cache_dir = cache_dir

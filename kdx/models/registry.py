@@ -1,4 +1,4 @@
-"""Model registry: `create_model`, `list_models`, `default_taps`.
+"""Model registry: `create_model`, `user_model`, `model_name`, `list_models`, `default_taps`.
 
 Every model returns logits from `forward` and declares where its feature tap sets are (`tap_sets`, see
 `kdx.features`) and its classifier (`get_classifier()`, timm's interface).
@@ -55,7 +55,37 @@ def create_model(name: str, num_classes: int, taps: Optional[Mapping[str, Sequen
     weights; teachers are loaded from checkpoints). For `timm/...`, `pretrained` and any other
     keyword go to `timm.create_model`.
     """
-    model = _create(name, num_classes, **kw)
+    return _with_taps(_create(name, num_classes, **kw), taps)
+
+
+def user_model(net: Mapping, num_classes: int, name: Optional[str] = None,
+               taps: Optional[Mapping[str, Sequence[str]]] = None,
+               num_classes_arg: Optional[str] = "num_classes") -> nn.Module:
+    """``model=user``: any ``nn.Module`` class or factory, ``model.net._target_=pkg.module.Class`` with its own
+    arguments under ``model.net``; kdx's settings (``name``: the label; ``taps``: its tap sets) are not passed to
+    it. The number of classes is passed as the keyword ``num_classes_arg`` (null: not passed; the network must
+    then already have the data's number of outputs). Its ``forward(x)`` returns logits; it may declare
+    ``tap_sets`` (:mod:`kdx.features`) or get them all from ``model.taps``."""
+    from hydra.utils import instantiate
+
+    target = (net or {}).get("_target_") if isinstance(net, Mapping) else None
+    if not target or target == "???":
+        raise ConfigError("model=user needs the network: model.net._target_=<module.Class> (its arguments under "
+                          "model.net), e.g. model.net._target_=torchvision.models.resnet18.")
+    kwargs = {} if num_classes_arg is None else {str(num_classes_arg): int(num_classes)}
+    try:
+        model = instantiate(net, **kwargs)
+    except Exception as e:  # Hydra wraps the constructor's TypeError: say which setting fits the network
+        raise ConfigError(
+            f"model.net._target_={target} could not be built with {kwargs or 'no class count'}: {e}. If the network "
+            "names its class count differently set model.num_classes_arg=<its argument> (null: not passed)."
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.net._target_={target} gave a {type(model).__name__}, not a torch.nn.Module.")
+    return _with_taps(model, taps)
+
+
+def _with_taps(model: nn.Module, taps: Optional[Mapping[str, Sequence[str]]]) -> nn.Module:
     if taps is not None:
         if not isinstance(taps, Mapping):
             raise ConfigError(

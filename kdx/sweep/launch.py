@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from kdx.errors import ConfigError
 
@@ -220,6 +220,19 @@ def check_writable(folder: Any, setting: str) -> None:
                           f"{setting}=<folder>, or free that one.") from None
 
 
+def _cache_fixed_keys(config: DictConfig) -> None:
+    """Compute the command line's fixed keys here, where the sweep starts, into the config's resolver cache, which
+    Hydra copies into every job: kdx's ``hydra.sweep.dir`` does that itself, but a user's ``hydra.sweep.dir=...``
+    replaces it, and each job would then take all of its own overrides as fixed (and name its folder by them)."""
+    key = "_kdx_fixed_keys"
+    with open_dict(config.hydra):
+        config.hydra[key] = "${kdx_fixed_keys:${hydra.overrides.task}}"
+        try:
+            config.hydra[key]  # evaluating it fills the cache
+        finally:
+            del config.hydra[key]
+
+
 class LaunchGuard(Callback):
     """Hydra callback: checks that need no job, before Hydra creates the first job folder.
 
@@ -237,6 +250,7 @@ class LaunchGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._exit_on_error(lambda: check_writable(config.hydra.sweep.dir, "hydra.sweep.dir"))
+        _cache_fixed_keys(config)
         try:
             trainer = config.trainer
             OmegaConf.to_container(trainer, resolve=True)

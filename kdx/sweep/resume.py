@@ -105,7 +105,8 @@ def prepare_job(cfg: DictConfig) -> Optional[dict[str, Any]]:
     complete ``results.json`` → return it (the caller skips the job); a ``failed`` record → return it too unless
     ``retry_failed=true`` (a failure that repeats does not block every re-run); else the earlier attempt's record
     and logs move to ``attempts/<k>/`` and, with ``checkpoints/last.ckpt`` and no ``ckpt_path``, ``cfg.ckpt_path``
-    is set to it (the results record it as ``resumed_from``).
+    is set to it (the results record it as ``resumed_from``). With ``resume=never`` into a folder that holds an
+    earlier attempt (``hydra.run.dir=`` or a failed run's resume command) its record and logs move aside too.
     """
     mode = check_resume(cfg.get("resume", "never"))
     out = Path(str(cfg.paths.output_dir))
@@ -144,6 +145,8 @@ def prepare_job(cfg: DictConfig) -> Optional[dict[str, Any]]:
             log.info("resuming from %s (resume=auto)", last)
             with read_write(cfg), open_dict(cfg):
                 cfg.ckpt_path = str(last)
+    elif is_rank_zero():  # resume=never into a folder that holds a run (hydra.run.dir=..., a resume command)
+        keep_earlier_attempt(out)
     if is_rank_zero():
         record = {"sha256": fingerprint_digest(flat), "created": _dt.datetime.now().isoformat(timespec="seconds"),
                   "excluded": list(FINGERPRINT_EXCLUDE), "config": flat}

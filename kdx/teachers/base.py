@@ -41,6 +41,11 @@ class Teacher(nn.Module):
         #: pictures a logger shows once when fitting starts: key → PNG path (ReffAKD's similarity heat-map)
         self.images: dict[str, str] = {}
 
+    def describe(self) -> str:
+        """One line for the run's log naming what was loaded (the same facts ``results.json``'s ``teacher_info``
+        records): here the generic fields of :attr:`info`; subclasses say more."""
+        return ", ".join(f"{k} {v}" for k, v in self.info.items() if v is not None) or type(self).__name__
+
     @property
     def network(self) -> Optional[nn.Module]:
         """The network whose modules feature taps and BN-statistics hooks attach to; None for a label table."""

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from kdx.distill.base import ModelOutput
 from kdx.errors import CheckpointError
+from kdx.labels import model_name
 from kdx.io import load_into, load_state_dict_file, sha256_file
 from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
 
@@ -55,6 +56,18 @@ class NetworkTeacher(Teacher):
             "epochs": meta.get("epochs"),
             "budget": meta.get("budget"),
         }
+        if not (meta.get("budget") or {}).get("complete", True):
+            log.warning("teacher.ckpt=%s was trained with a cut-short budget (%s): its soft targets are those of a "
+                        "barely trained network.", ckpt, meta["budget"].get("cut"))
+
+    def describe(self) -> str:
+        i = self.info
+        budget = i.get("budget") or {}
+        cut = "" if budget.get("complete", True) else f", cut short: {budget.get('cut')}"
+        acc = "unknown" if i["recorded_test_acc1"] is None else f"{float(i['recorded_test_acc1']):.2f} %"
+        return (f"{i['arch'] or 'network'} from {i['ckpt']} (sha256 {str(i['sha256'])[:12]}, trained on "
+                f"{i['dataset'] or 'unknown data'} for {_epochs(i['epochs'])}{cut}, "
+                f"recorded test top-1 {acc})")
 
     def train(self, mode: bool = True) -> "NetworkTeacher":
         return super().train(False)  # frozen: BN uses running statistics, always
@@ -91,7 +104,7 @@ class NetworkTeacherSource(TeacherSource):
                  store_tag: Optional[str] = None, train: Optional[DictConfig] = None) -> None:
         self.model_config, self.ckpt, self.auto_train = model, ckpt, bool(auto_train)
         self.store_tag, self.recipe = store_tag, train
-        self.arch = str(model.get("name"))
+        self.arch = model_name(model)
 
     def load(self, ctx: TeacherContext) -> NetworkTeacher:
         net = instantiate(self.model_config, num_classes=ctx.num_classes)
@@ -135,6 +148,10 @@ class NetworkTeacherSource(TeacherSource):
                 f"teacher.ckpt={path} has {meta['num_classes']} classes but data={ctx.dataset_key} has "
                 f"{ctx.num_classes}. Pass a teacher trained on this dataset (teacher.ckpt=...)."
             )
+
+
+def _epochs(n: Optional[int]) -> str:
+    return "? epochs" if n is None else f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def _sidecar_for(ckpt: Path) -> dict[str, Any]:
