@@ -33,6 +33,18 @@ LOGIT_CASES = {
 FEATURE_CASES = {"afd": [], "rtk": [], "rtk_afd_roles": ["distill.roles=afd", "distill.top_k=all"]}
 EPOCHS = (1, 5, 40)  # DKD's warm-up and anything epoch-dependent
 
+# method -> extra overrides: the whole step (kdx.regimes.step.distill_step) on two seeded zoo networks, the
+# teacher resnet8x4 and the student resnet8 (different widths: connectors, regressors, embeddings are built from
+# the tapped shapes as at start-up), on a seeded batch with a second view (MLKD's strong view)
+NETWORK_CASES = {
+    "at": [], "sp": [], "pkt": [], "rkd": [], "nst": [], "kdsvd": [], "fitnet": [], "vid": [],
+    "crd": ["distill.k=16"], "reviewkd": [], "ofd": [],
+    "dist": [], "nkd": [], "ttm": [], "wttm": [], "sdd_kd": [], "sdd_dkd": [], "sdd_nkd": [],
+    "ctkd": [], "ctkd_dkd": [], "mlkd": [], "mlkd_weak": [],
+    "kd+ls": ["distill/logit_transform=ls"], "dkd+ls": ["distill/logit_transform=ls"],
+}
+NETWORK_EPOCHS = (1, 40)  # before and after every warm-up (ReviewKD, SDD) and CTKD's curriculum
+
 
 def _inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +94,60 @@ def compute(strategy_for) -> dict:
         strat.train()
         terms = strat(ModelOutput(z_s.clone(), {"blocks": s_feats}), ModelOutput(z_t.clone(), {"blocks": t_feats}), batch, 1)
         out[f"{case}@1"] = {k: _round(v) for k, v in terms.items()}
+    out.update(network_numbers(strategy_for))
     out.update(nayer_numbers(strategy_for))
+    return out
+
+
+def network_numbers(strategy_for) -> dict:
+    """Each :data:`NETWORK_CASES` strategy's terms from the real step, as :func:`kdx.build.build` assembles it."""
+    from kdx.distill.base import Batch, DataInfo
+    from kdx.features import attach_feature_taps
+    from kdx.models import create_model
+    from kdx.regimes.step import StepParts, distill_step
+    from kdx.teachers.base import Teacher
+
+    class Frozen(Teacher):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net.eval().requires_grad_(False)
+
+        def train(self, mode=True):
+            return super().train(False)
+
+        @property
+        def network(self):
+            return self.net
+
+        @torch.no_grad()
+        def forward(self, x, y=None, idx=None):
+            from kdx.distill.base import ModelOutput
+
+            return ModelOutput(self.net(x))
+
+    out: dict = {}
+    g = torch.Generator().manual_seed(7)
+    x, strong = torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)
+    y, idx = torch.randint(0, C, (B,), generator=g), torch.arange(B)
+    labels = torch.arange(64) % C
+    for case, extra in NETWORK_CASES.items():
+        method = case.split("+")[0]
+        strat = strategy_for(method, extra)
+        torch.manual_seed(8)
+        teacher = Frozen(create_model("resnet8x4", num_classes=C))
+        student = create_model("resnet8", num_classes=C)
+        strat.attach_data(DataInfo(C, labels, 0))
+        strat.attach_networks(student, teacher.network)
+        s_taps = t_taps = None
+        if strat.needs_features:
+            s_taps, t_taps = attach_feature_taps(strat, student, teacher, (3, 32, 32))
+        heads = (student.get_classifier(), teacher.network.get_classifier()) if strat.needs_head else (None, None)
+        parts = StepParts(student, strat, teacher, s_taps, t_taps, *heads)
+        strat.train()
+        batch = Batch(x, y, idx, {v: strong for v in strat.views})
+        for epoch in NETWORK_EPOCHS:
+            _, terms = distill_step(parts, batch, epoch)
+            out[f"{case}/net@{epoch}"] = {k: _round(v) for k, v in terms.items()}
     return out
 
 
