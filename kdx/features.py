@@ -295,14 +295,17 @@ def check_config_taps(strategy: Any, nodes: Sequence[tuple[str, Any, Sequence[st
     ``(setting, model config node, sets)`` (``model``, ``teacher.model``).
 
     Runs at start-up before a teacher is looked up (or trained), so a misspelt tap or a missing set stops the
-    run at once rather than after a teacher has been trained.
+    run at once rather than after a teacher has been trained; the strategy's own :meth:`Strategy.check_networks`
+    sees the same builds.
     """
     from hydra.utils import instantiate
 
+    built: dict[str, nn.Module] = {}
     for setting, node, sets in nodes:
         if not sets:
             continue
         extra = {"pretrained": False} if "pretrained" in node else {}  # names only: no weights needed
-        model = instantiate(node, num_classes=num_classes, **extra)
+        model = built[setting] = instantiate(node, num_classes=num_classes, **extra)
         for name, taps in _required(model, sets, type(strategy).__name__, f"{setting}.taps").items():
             check_taps(model, [_canonical(t) for t in taps], f"{setting}.taps.{name}")
+    strategy.check_networks(built.get("model"), built.get("teacher.model"))

@@ -252,6 +252,11 @@ def test_ofd_refuses_a_teacher_without_bn_before_relu(tmp_path):
     cfg = compose_cfg(TINY + ["distill=ofd", "teacher_arch=ShuffleV1", f"teacher.ckpt={ckpt}"], tmp_path)
     with pytest.raises(ConfigError, match="bn_before_relu.*ShuffleNetV1"):
         build_job(cfg)
+    # without a checkpoint and with an empty store: refused at start-up, before the teacher would be trained
+    cfg = compose_cfg(TINY + ["distill=ofd", "teacher_arch=ShuffleV1"], tmp_path, name="untrained")
+    with pytest.raises(ConfigError, match="bn_before_relu.*ShuffleNetV1"):
+        build_job(cfg)
+    assert not (tmp_path / "untrained" / "teacher").exists() and not (tmp_path / "teachers").exists()
 
 
 @pytest.mark.parametrize("side", ["teacher_arch", "model"])

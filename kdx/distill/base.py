@@ -131,6 +131,11 @@ class Strategy(nn.Module):
     def attach_data(self, info: DataInfo) -> None:
         """Read what the training data decide (its size, the labels by sample index)."""
 
+    def check_networks(self, student: Optional[nn.Module], teacher: Optional[nn.Module]) -> None:
+        """Refuse architectures the method cannot use (a :class:`~kdx.errors.ConfigError` naming the setting), on
+        throwaway untrained builds at start-up, before a missing teacher is trained; None: a network not built for
+        the check (the method reads no features of it)."""
+
     def attach_networks(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         """Read what the networks decide (``teacher`` is the teacher's network, None for a label table); nothing
         read here may be kept as a submodule (the teacher must stay outside the optimiser and checkpoints)."""

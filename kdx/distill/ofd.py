@@ -136,7 +136,8 @@ class OFDStrategy(Strategy):
         self.connectors: Optional[OFDConnectors] = None
         self.n = 0
 
-    def attach_networks(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+    @staticmethod
+    def _margin_layers(teacher: Optional[nn.Module]) -> list[str]:
         names = getattr(teacher, "bn_before_relu", None)
         if not names:
             who = "has no network" if teacher is None else f"({type(teacher).__name__}) declares none"
@@ -145,6 +146,14 @@ class OFDStrategy(Strategy):
                 f"(bn_before_relu), and the teacher {who} (mdistiller's ShuffleNets raise NotImplementedError "
                 "there). Choose another teacher (teacher_arch=...)."
             )
+        return list(names)
+
+    def check_networks(self, student: Optional[nn.Module], teacher: Optional[nn.Module]) -> None:
+        if teacher is not None:  # refused at start-up, before a missing teacher would be trained
+            self._margin_layers(teacher)
+
+    def attach_networks(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        names = self._margin_layers(teacher)
         modules = dict(teacher.named_modules())
         self.teacher_margins = [ofd_margin(modules[name].weight, modules[name].bias).cpu() for name in names]
 
