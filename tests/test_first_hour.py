@@ -227,3 +227,18 @@ def test_an_array_file_with_seven_classes(tmp_path, tiny):
     assert res["data"]["num_classes"] == 7
     state = torch.load(Path(res["output_dir"]) / "student.pt", weights_only=True)
     assert state["fc.weight"].shape[0] == 7
+
+
+def test_a_user_config_folder_on_the_search_path(tmp_path, tiny, teacher_store):
+    """A user's own method config (``<folder>/distill/userkd.yaml``) through ``hydra.searchpath``: selected like
+    kdx's own, labelled by its option name, its keys validated against the class's arguments."""
+    folder = tmp_path / "myconf" / "distill"
+    folder.mkdir(parents=True)
+    (folder / "userkd.yaml").write_text("_target_: kdx_test_helpers.UserKD\ntemperature: 3.0\nw_ce: 0.5\nw_kd: 0.5\n")
+    (folder / "typo.yaml").write_text("_target_: kdx_test_helpers.UserKD\ntemprature: 3.0\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'myconf'}]"
+    res = run(compose_cfg(tiny + [search, "distill=userkd"], tmp_path, teachers=teacher_store))
+    assert res["status"] == "complete" and res["method"] == "userkd"
+    assert res["config"]["distill"]["temperature"] == 3.0
+    with pytest.raises(ConfigError, match=r"distill\.temprature.*temperature"):
+        run(compose_cfg(tiny + [search, "distill=typo"], tmp_path, name="typo", teachers=teacher_store))
