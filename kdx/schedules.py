@@ -1,4 +1,4 @@
-"""Learning-rate schedules stepped once per epoch, with 1-based epoch semantics (METHODS.md §0).
+"""Learning-rate schedules stepped once per epoch, with 1-based epoch semantics (docs/methods.md#protocol).
 
 A schedule is a ``LambdaLR`` whose factor for the epoch about to be trained, ``e`` (1-based),
 is computed in closed form, so resuming from a checkpoint (which stores ``last_epoch``)

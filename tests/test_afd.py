@@ -1,4 +1,4 @@
-"""AFD (METHODS.md §4.1) against a hand computation, float64 gradients, RTK's reduction to AFD,
+"""AFD (docs/methods.md#afd) against a hand computation, float64 gradients, RTK's reduction to AFD,
 and distill=afd / distill=rtk through the real config (CPU, and DDP on CPU)."""
 from __future__ import annotations
 

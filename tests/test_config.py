@@ -154,3 +154,11 @@ def test_sweep_report_lists_student_runs_only(tmp_path):
     (tmp_path / "1_job" / ".hydra").mkdir(parents=True)
     done, missing = scan([tmp_path])
     assert [r.data for r in done] == [run_rec] and [u.folder for u in missing] == [tmp_path / "1_job"]
+
+
+def test_kd_crd_keeps_its_own_settings_under_kds_recipes(tmp_path):
+    """kd_crd has its own recipe lookup: KD+LS's per-pair temperature (a kd recipe) does not leak into it."""
+    cfg = check(compose_cfg(["experiment=cifar100/ls/res32x4_res8x4", "distill=kd_crd"], tmp_path))
+    assert (cfg.distill.temperature, cfg.distill.w_ce, cfg.distill.w_kd) == (4.0, 1.0, 0.9)
+    cfg = check(compose_cfg(["experiment=cifar100/ls/res32x4_res8x4", "distill=kd"], tmp_path))
+    assert cfg.distill.temperature == 2.0

@@ -1,4 +1,4 @@
-"""KD and DKD math against hand-derived values and invariants (METHODS.md §1, §2)."""
+"""KD and DKD math against hand-derived values and invariants (docs/methods.md#kd, #dkd)."""
 import math
 
 import pytest

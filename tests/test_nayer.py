@@ -1,4 +1,4 @@
-"""NAYER (METHODS.md §6): generator, losses against hand values, bank, schedule, LTE, and end to end
+"""NAYER (docs/methods.md#nayer): generator, losses against hand values, bank, schedule, LTE, and end to end
 through the real Hydra config on synthetic data (the student never sees a real training image)."""
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def test_recipe_composes_with_every_teacher_method(experiment):
 
 def test_dkd_pair_beta_reaches_dkd_but_not_other_methods():
     dkd = _compose(["experiment=cifar100/dkd/wrn40_2_wrn16_2", "distill=dkd"])
-    assert dkd.distill.beta == 6.0  # the pair's β (METHODS.md §2), not the default 8
+    assert dkd.distill.beta == 6.0  # the pair's β (docs/methods.md#dkd), not the default 8
     afd = _compose(["experiment=cifar100/dkd/wrn40_2_wrn16_2", "distill=afd"])
     assert afd.distill.beta == 200.0  # AFD's own β is unaffected by the DKD recipe
     assert afd.model.name == "wrn_16_2" and afd.teacher.model.name == "wrn_40_2"

@@ -1,4 +1,4 @@
-"""ReffAKD (METHODS.md §5): similarity matrix, soft labels, table teacher, loss, autoencoder, stage A → B."""
+"""ReffAKD (docs/methods.md#reffakd): similarity matrix, soft labels, table teacher, loss, autoencoder, stage A → B."""
 import json
 import math
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Schedules: 1-based epoch semantics of METHODS.md §0 and closed-form resume."""
+"""Schedules: 1-based epoch semantics of docs/methods.md#protocol and closed-form resume."""
 import pytest
 import torch
 

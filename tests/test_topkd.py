@@ -1,4 +1,4 @@
-"""TopKD (METHODS.md §3, our reading): TSM, L_con, L_TDL against hand values and invariants; end to end."""
+"""TopKD (docs/methods.md#topkd, our reading): TSM, L_con, L_TDL against hand values and invariants; end to end."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""NAYER's generator losses (METHODS.md §6), as pure functions of tensors.
+"""NAYER's generator losses (docs/methods.md#nayer), as pure functions of tensors.
 
 - :func:`batch_moments`: per-channel mean and biased variance of a BN layer's input over (N, H, W).
 - :func:`bn_statistics_loss`: ``Σ_l ‖σ²_run − σ̃²‖₂ + ‖μ_run − μ̃‖₂`` with the batch statistics mixed

@@ -1,4 +1,4 @@
-"""AFD: attention-based feature distillation (Ji et al., AAAI 2021), METHODS.md §4.1.
+"""AFD: attention-based feature distillation (Ji et al., AAAI 2021), docs/methods.md#afd.
 
 Exact to the official code (``clovaai/attention-feature-distillation``), written anew:
 for teacher guide features ``f_t`` (t = 1..T) and student hint features ``f_s`` (s = 1..S),

@@ -1,4 +1,4 @@
-"""Decoupled KD (METHODS.md §2): ``w_ce·CE + min(e/W,1)·(α·TCKD + β·NCKD)``.
+"""Decoupled KD (docs/methods.md#dkd): ``w_ce·CE + min(e/W,1)·(α·TCKD + β·NCKD)``.
 
 TCKD and NCKD are logged as separate terms (already weighted by α, β and the warm-up).
 """

@@ -1,4 +1,4 @@
-"""Hinton KD (METHODS.md §1): ``w_ce·CE + w_kd·T²·KL(p_t^T ‖ p_s^T)``.
+"""Hinton KD (docs/methods.md#kd): ``w_ce·CE + w_kd·T²·KL(p_t^T ‖ p_s^T)``.
 
 Defaults are mdistiller's (w_ce 0.1, w_kd 0.9, T 4); ``distill=kd_crd`` uses the CRD/AFD
 weighting (w_ce 1.0, w_kd 0.9) that produced the KD columns of the DKD tables.

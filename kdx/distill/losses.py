@@ -1,4 +1,4 @@
-"""Logit distillation losses as pure functions of tensors (METHODS.md §1, §2).
+"""Logit distillation losses as pure functions of tensors (docs/methods.md#kd, #dkd).
 
 Each function returns an unweighted scalar; the strategies in this package apply the
 per-term weights and warm-up. Shapes: logits [B, C], target [B] (int64).
@@ -70,7 +70,7 @@ def reffakd_terms(
     temperature: float,
     float64: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """ReffAKD's weighted (soft, hard) terms (METHODS.md §5 step C, official code).
+    """ReffAKD's weighted (soft, hard) terms (docs/methods.md#reffakd, step C, official code).
 
     ``soft = α·T²·(1/B)Σ_b −Σ_c q_bc·log softmax(z_s/T)_bc`` (the soft labels ``q`` are not
     re-tempered) and ``hard = (1−α)·CE(z_s, y)``; computed in float64 when ``float64`` (as official).

@@ -1,4 +1,4 @@
-"""ReffAKD's own loss (METHODS.md §5 step C): ``α·T²·softCE(z_s/T, q) + (1−α)·CE(z_s, y)``.
+"""ReffAKD's own loss (docs/methods.md#reffakd, step C): ``α·T²·softCE(z_s/T, q) + (1−α)·CE(z_s, y)``.
 
 The soft targets are the teacher's ``softmax(z_t / T)``. With the ReffAKD table teacher
 (``teacher=reffakd``, whose logits are ``T·log Q[y]`` at the same T) that is exactly the class soft

@@ -1,4 +1,4 @@
-"""RTK: representative teacher keys (Yang, Kao, Huang, arXiv 2206.12788) on top of AFD, METHODS.md §4.2.
+"""RTK: representative teacher keys (Yang, Kao, Huang, arXiv 2206.12788) on top of AFD, docs/methods.md#rtk.
 
 **Our reconstruction, unverified**: no official code exists and only the abstract could be read
 ("AFD + feature-map similarity + filtering out useless teacher information"). Every choice is a

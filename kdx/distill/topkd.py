@@ -1,8 +1,8 @@
-"""TopKD, top-scaled KD (Wang & Zhou, arXiv 2508.04539), METHODS.md §3 — **our reading**.
+"""TopKD, top-scaled KD (Wang & Zhou, arXiv 2508.04539), docs/methods.md#topkd — **our reading**.
 
 No official code exists and the method section (with the appendix algorithm for the scaling
-weights) could not be read; every formula below that METHODS.md marks [project] is a knob with
-its stated default.
+weights) could not be read; every formula below that no source settles (docs/methods.md#topkd) is a
+knob with its stated default.
 
 - **TSM** (:func:`top_k_scale`, :class:`TopKScale`): with ``I`` the K largest teacher logits of a
   sample (rank r = 1..K, r = 1 the largest), ``z'_i = w_r·z_i + Δ`` for ``i ∈ I``, where
