@@ -34,6 +34,7 @@ PARAMS = {
     "vgg19": 20_086_692,
     "mobile_half": 812_836,  # 0.81
     "MobileNetV2": 812_836,
+    "MobileNetV1": 3_309_476,  # 4,231,976 at 1000 classes, as mdistiller's ImageNet MobileNetV1
     "ShuffleV1": 949_258,  # 0.95
     "ShuffleV2": 1_355_528,  # 1.36
     "ResNet18": 11_220_132,  # 11.22

@@ -11,7 +11,9 @@ from kdx.data.imagefolder import ImageFolderDataModule
 from kdx.data.npz import ArrayFileDataModule, load_array_file
 from kdx.paths import default_data_root
 from kdx.data.sampler import EpochBatchSampler
+from kdx.data.stl10 import STL10DataModule
 from kdx.data.synthetic import SyntheticDataModule
+from kdx.data.tiny_imagenet import TinyImageNetDataModule
 
 __all__ = [
     "ArrayDataModule",
@@ -23,8 +25,10 @@ __all__ = [
     "EpochBatchSampler",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "STL10DataModule",
     "SplitArrays",
     "SyntheticDataModule",
+    "TinyImageNetDataModule",
     "apply_crop_flip",
     "crop_flip_params",
     "default_data_root",

@@ -322,18 +322,23 @@ class BaseDataModule(LightningDataModule):
         }
 
 
-def offline_error(what: str, root: str, npz_path: str | None, detail: str = "") -> FileNotFoundError:
-    """The error raised when a dataset is neither on disk nor downloadable."""
+def offline_error(what: str, root: str, npz_path: str | None, detail: str = "",
+                  fix: str | None = None) -> FileNotFoundError:
+    """The error raised when a dataset is neither on disk nor downloadable.
+
+    ``fix`` replaces the default remedy (download or an array file) for datasets kdx cannot download itself
+    (Tiny-ImageNet, ImageNet): where a user gets the files and which setting points to them."""
     root_abs = os.path.abspath(os.path.expanduser(root))
-    msg = (
-        f"{what} not found. Looked for the torchvision files in data.root={root!r} ({root_abs})"
-        + (f" and for an array file at data.npz_path={npz_path!r}" if npz_path is not None else ", data.npz_path is not set")
-        + ". To fix: run once with internet access and data.download=true (the files go to data.root), "
-        "or set data.root to a folder that already holds them, or point data.npz_path to an offline "
-        "array file (.npz in the layout described in kdx/data/npz.py)."
-        + (f" ({detail})" if detail else "")
-    )
-    return FileNotFoundError(msg)
+    if fix is not None:
+        looked = f"Looked for its files in data.root={root!r} ({root_abs})"
+    else:
+        looked = (f"Looked for the torchvision files in data.root={root!r} ({root_abs})"
+                  + (f" and for an array file at data.npz_path={npz_path!r}" if npz_path is not None
+                     else ", data.npz_path is not set"))
+        fix = ("To fix: run once with internet access and data.download=true (the files go to data.root), "
+               "or set data.root to a folder that already holds them, or point data.npz_path to an offline "
+               "array file (.npz in the layout described in kdx/data/npz.py).")
+    return FileNotFoundError(f"{what} not found. {looked}. {fix}" + (f" ({detail})" if detail else ""))
 
 
 __all__ = ["BaseDataModule", "offline_error"]

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-from . import cifar_resnet, mobilenetv2, resnet_cifar_stem, shufflenet, vgg, wrn
+from . import cifar_resnet, mobilenetv1, mobilenetv2, resnet_cifar_stem, shufflenet, vgg, wrn
 from kdx.errors import ConfigError
 
 from .timm_models import create_timm_model
@@ -27,6 +27,7 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(vgg.vgg, name) for name in vgg.CFGS},
     "mobile_half": mobilenetv2.mobile_half,
     "MobileNetV2": mobilenetv2.mobile_half,
+    "MobileNetV1": mobilenetv1.mobilenet_v1,
     "ShuffleV1": shufflenet.shuffle_v1,
     "ShuffleV2": shufflenet.shuffle_v2,
     "ResNet18": resnet_cifar_stem.resnet18,
