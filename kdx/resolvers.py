@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from kdx.paths import default_cache_dir, default_data_root, default_teachers_dir
 from kdx.labels import method_label, model_name
 from kdx.sweep.folders import fixed_keys, job_subdir, path_safe, run_dir, sweep_dir
-from kdx.sweep.launch import launcher_gpus, launcher_tasks
+from kdx.sweep.launch import launcher_gpus, launcher_tasks, linear_lr
 
 
 def register_resolvers() -> None:
@@ -21,6 +21,7 @@ def register_resolvers() -> None:
         "kdx_run_dir": run_dir,
         "kdx_launcher_tasks": launcher_tasks,
         "kdx_launcher_gpus": launcher_gpus,
+        "kdx_linear_lr": linear_lr,
     }
     # cached: computed once where the sweep starts, then copied into each job's config by Hydra
     cached = {"kdx_sweep_dir": sweep_dir, "kdx_fixed_keys": fixed_keys}

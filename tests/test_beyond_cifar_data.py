@@ -113,7 +113,8 @@ def test_stl10_binary_files(tmp_path):
     assert dm.num_classes == 10 and dm.image_shape == (3, 96, 96)
     dm.setup()
     assert dm.class_names[:3] == ["airplane", "bird", "car"]
-    assert torch.equal(dm.train_dataset.x, torch.from_numpy(train_x)) and torch.equal(dm.test_dataset.x, torch.from_numpy(test_x))
+    assert torch.equal(dm.train_dataset.x, torch.from_numpy(train_x))
+    assert torch.equal(dm.test_dataset.x, torch.from_numpy(test_x))
     assert dm.train_dataset.labels.tolist() == (train_y.astype(int) - 1).tolist()
     pixels = train_x.astype(np.float64) / 255  # null mean/std: the training split's own statistics
     assert np.allclose(dm.mean, pixels.mean(axis=(0, 2, 3)), atol=1e-4)
@@ -251,3 +252,114 @@ def test_mobilenet_v1_matches_mdistiller():
     assert [tuple(t.shape[1:]) for t in f["feats"]] == [(128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7)]
     assert all(torch.equal(a.clamp_min(0), b) for a, b in zip(f["preact_feats"], f["feats"]))
     assert f["pooled_feat"][0].shape == (1, 1024)
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+RECIPES = ["imagenet/dkd/res34_res18", "imagenet/dkd/res50_mv1", "tiny_imagenet/nayer/res34_res18",
+           "tiny_imagenet/reffakd/resnet18", "tiny_imagenet/topkd/res18_shuv2", "stl10/topkd/res18_shuv2",
+           "fashion_mnist/reffakd/lenet5"]
+QUIET = ["trainer.accelerator=cpu", "trainer.enable_model_summary=false", "logger=none", "progress_bar=none"]
+
+
+@pytest.mark.parametrize("experiment", RECIPES)
+def test_recipe_composes_and_validates(tmp_path, experiment):
+    cfg = compose_cfg([f"experiment={experiment}"], tmp_path)
+    validate(cfg)
+    assert "paper" in cfg and cfg.trainer.max_epochs > 0
+
+
+def test_imagenet_recipes_hold_mdistillers_settings(tmp_path):
+    from kdx.config import resolved
+
+    r34 = resolved(compose_cfg(["experiment=imagenet/dkd/res34_res18"], tmp_path))
+    assert (r34.model.name, r34.teacher.model.name, r34.data.name, r34.trainer.max_epochs) == \
+        ("tv_resnet18", "tv_resnet34", "imagenet", 100)
+    assert (r34.distill.beta, r34.distill.temperature, r34.distill.warmup, r34.distill.alpha) == (0.5, 1.0, 1, 1.0)
+    assert list(r34.scheduler.milestones) == [30, 60, 90] and r34.optim.weight_decay == 1e-4
+    assert r34.optim.lr == pytest.approx(0.2) and r34.data.batch_size == 512 and not r34.teacher.auto_train
+    mv1 = resolved(compose_cfg(["experiment=imagenet/dkd/res50_mv1", "distill=kd"], tmp_path))
+    assert (mv1.model.name, mv1.distill.temperature, mv1.distill.w_ce, mv1.distill.w_kd) == ("MobileNetV1", 1, 0.5, 0.5)
+    assert mv1.paper.dkd == 72.05 and mv1.paper.topkd == 73.51
+    # the linear rule: 0.1 per 256 images of the global batch (per-process batch × devices × nodes)
+    for extra, lr in ((["data.batch_size=64", "trainer=ddp", "trainer.devices=8"], 0.2),
+                      (["data.batch_size=64", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4"], 0.8),
+                      (["data.batch_size=256"], 0.1)):
+        cfg = resolved(compose_cfg(["experiment=imagenet/dkd/res34_res18", *extra], tmp_path))
+        assert cfg.optim.lr == pytest.approx(lr), extra
+
+
+def test_imagenet_recipe_end_to_end_on_a_tiny_folder(tmp_path):
+    """experiment=imagenet/dkd/res34_res18 on a 2-class JPEG folder: torchvision's ResNet34 weights file as the
+    teacher (teacher.ckpt), torchvision's ResNet18 student, DKD with the recipe's settings, one epoch."""
+    import torchvision
+
+    from kdx.run import run
+
+    root = make_imagenet(tmp_path / "imagenet")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet34(num_classes=2).state_dict(), tmp_path / "resnet34-test.pth")
+    cfg = compose_cfg(["experiment=imagenet/dkd/res34_res18", f"data.root={root}", "data.image_size=40",
+                       "data.batch_size=3", "data.num_workers=0", "trainer.max_epochs=1",
+                       "trainer.limit_train_batches=1",
+                       f"teacher.ckpt={tmp_path / 'resnet34-test.pth'}", *QUIET], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "complete" and res["student"] == "tv_resnet18" and res["teacher"] == "tv_resnet34"
+    assert res["config"]["optim"]["lr"] == pytest.approx(0.1 * 3 / 256)
+
+
+def test_tiny_imagenet_recipe_end_to_end(tmp_path):
+    """experiment=tiny_imagenet/topkd/res18_shuv2 on a 3-class copy of the archive (8-px images): TopKD distils
+    ShuffleV2 from a ResNet18 (its weights file as teacher.ckpt) for one epoch."""
+    from kdx.models import create_model
+    from kdx.run import run
+
+    root = make_tiny_imagenet(tmp_path / "tiny-imagenet-200", size=8)
+    torch.manual_seed(0)
+    torch.save(create_model("ResNet18", 3).state_dict(), tmp_path / "resnet18.pt")
+    cfg = compose_cfg(["experiment=tiny_imagenet/topkd/res18_shuv2", f"data.root={root}",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=6", "trainer.max_epochs=1",
+                       "distill.k=2", f"teacher.ckpt={tmp_path / 'resnet18.pt'}", *QUIET], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "complete" and res["method"] == "topkd" and res["data"]["num_classes"] == 3
+    assert (res["student"], res["teacher"]) == ("ShuffleV2", "ResNet18")
+
+
+def test_fashion_mnist_recipe_is_the_notebooks_lenet5(tmp_path):
+    from hydra.utils import instantiate
+
+    from kdx.data.fashion_mnist import to_32
+
+    cfg = compose_cfg(["experiment=fashion_mnist/reffakd/lenet5"], tmp_path)
+    net = instantiate(cfg.model, num_classes=10)
+    # LeNet5 of ReffAKD's fashion_mnist/tinySLG_distillation.ipynb, counted by hand: conv 1→6 (5×5) 156, BN 12,
+    # conv 6→16 2,416, BN 32, fc 400→120 48,120, 120→84 10,164, 84→10 850
+    assert sum(p.numel() for p in net.parameters()) == 156 + 12 + 2416 + 32 + 48120 + 10164 + 850
+    assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    assert (cfg.data.channels, cfg.data.resize, cfg.data.pad, cfg.distill.soft_loss) == (1, True, 0, "kl_mean")
+    x = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    grey = to_32(x, channels=1, resize=True)
+    assert grey.shape == (3, 1, 32, 32)
+    assert np.array_equal(grey[1, 0], np.asarray(T.Resize((32, 32))(Image.fromarray(x[1]))))  # the notebook's resize
+    padded = to_32(x, channels=3, resize=False)
+    assert padded.shape == (3, 3, 32, 32) and padded[:, :, :2].max() == 0
+    assert np.array_equal(padded[:, 2, 2:30, 2:30], x)
+
+
+def test_reffakd_kl_mean_is_the_notebooks_kldivloss():
+    """soft_loss=kl_mean, KLDivLoss's mean over B·C, is (softCE − T²·mean_b H(q_b)) / C: the CIFAR form's
+    gradient / C."""
+    from kdx.distill.losses import reffakd_terms
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), dim=1)
+    y, T_ = torch.tensor([0, 3, 6, 2]), 3.0
+    kl, hard = reffakd_terms(z, y, q, 1.0, T_, soft_loss="kl_mean")
+    ce, hard_ce = reffakd_terms(z, y, q, 1.0, T_)
+    entropy = -(q * q.log()).sum(dim=1).mean()
+    assert torch.allclose(kl * 7, ce - T_**2 * entropy) and torch.equal(hard, hard_ce)
+    (gk,) = torch.autograd.grad(kl, z)
+    (gc,) = torch.autograd.grad(reffakd_terms(z, y, q, 1.0, T_)[0], z)
+    assert torch.allclose(gk * 7, gc)
+    with pytest.raises(ValueError, match="distill.soft_loss"):
+        reffakd_terms(z, y, q, 1.0, T_, soft_loss="kl")

@@ -6,6 +6,10 @@ replicated to 3 channels. Normalisation uses the published statistics of the
 original 28x28 images, mean 0.2860 and std 0.3530 per channel; on the padded
 32x32 images the true mean/std are lower (about 0.219 / 0.330), i.e. the
 padding normalises to (0 - 0.2860) / 0.3530 ~ -0.81, not to 0.
+
+``channels=1`` keeps the images grey (1x32x32) and ``resize=true`` scales them to 32x32 (PIL bilinear, as
+``transforms.Resize((32, 32))``) instead of padding: ReffAKD's Fashion-MNIST notebooks (1-channel LeNet-5 and
+autoencoder on resized images, normalised with the same 0.2860 / 0.3530).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 from torchvision.datasets import FashionMNIST
 
 from kdx.data.arrays import ArrayDataModule
@@ -24,11 +29,16 @@ FASHION_MNIST_CLASSES = [
 ]
 
 
-def to_3x32(x: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] -> uint8 [N, 3, 32, 32] (2 px zero border, grey replicated)."""
-    out = np.zeros((len(x), 3, 32, 32), np.uint8)
-    out[:, :, 2:30, 2:30] = np.asarray(x, np.uint8)[:, None]
-    return out
+def to_32(x: np.ndarray, channels: int = 3, resize: bool = False) -> np.ndarray:
+    """uint8 [N, 28, 28] -> uint8 [N, channels, 32, 32]: a 2 px zero border, or (``resize``) PIL's bilinear
+    resize to 32x32 (what ``transforms.Resize((32, 32))`` does to the PIL image); grey replicated to ``channels``."""
+    x = np.asarray(x, np.uint8)
+    if resize:
+        grey = np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)) for a in x])
+    else:
+        grey = np.zeros((len(x), 32, 32), np.uint8)
+        grey[:, 2:30, 2:30] = x
+    return np.ascontiguousarray(np.repeat(grey[:, None], channels, axis=1))
 
 
 class FashionMNISTDataModule(ArrayDataModule):
@@ -39,14 +49,19 @@ class FashionMNISTDataModule(ArrayDataModule):
         root: str = "./data",
         name: str = "fashion_mnist",
         download: bool = True,
+        channels: int = 3,
+        resize: bool = False,
         **common,
     ) -> None:
         super().__init__(name=name, root=root, **common)
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels!r}: 1 (grey) or 3 (grey replicated)")
         self.download = bool(download)
+        self.channels, self.resize = int(channels), bool(resize)
         self._num_classes = 10
         self._class_names = list(FASHION_MNIST_CLASSES)
-        self._image_shape = (3, 32, 32)
-        self._mean, self._std = (0.2860,) * 3, (0.3530,) * 3
+        self._image_shape = (self.channels, 32, 32)
+        self._mean, self._std = (0.2860,) * self.channels, (0.3530,) * self.channels
 
     def _open(self, train: bool, download: bool) -> FashionMNIST:
         try:
@@ -65,10 +80,13 @@ class FashionMNISTDataModule(ArrayDataModule):
         download = self.download and self._rank_world()[1] == 1
         train, test = self._open(True, download), self._open(False, download)
         return SplitArrays(
-            train_x=to_3x32(train.data.numpy()),
+            train_x=to_32(train.data.numpy(), self.channels, self.resize),
             train_y=train.targets.numpy().astype(np.int64),
-            test_x=to_3x32(test.data.numpy()),
+            test_x=to_32(test.data.numpy(), self.channels, self.resize),
             test_y=test.targets.numpy().astype(np.int64),
             class_names=list(FASHION_MNIST_CLASSES),
             source=f"torchvision:{os.path.abspath(os.path.expanduser(self.root))}",
         )
+
+    def describe(self) -> dict:
+        return {**super().describe(), "channels": self.channels, "resize": self.resize}

@@ -64,7 +64,8 @@ class STL10DataModule(ArrayDataModule):
         return Path(os.path.expanduser(self.root)) / FOLDER
 
     def _missing(self) -> list[str]:
-        return [f for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin") if not (self.folder / f).is_file()]
+        files = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+        return [f for f in files if not (self.folder / f).is_file()]
 
     def _fetch(self) -> None:
         """torchvision's download (``stl10_binary.tar.gz``, 2.6 GB) into ``root`` when files are missing."""

@@ -109,7 +109,8 @@ def load_cached(root: str, samples: dict[str, list[tuple[str, int]]], cache_dir:
     folder = folder / f"tiny_imagenet-{_listing_key(root, samples)}"
     done = folder / "meta.json"
     if done.is_file():
-        return {f"{s}_x": np.load(folder / f"{s}_x.npy", mmap_mode="r") for s in samples}, f"tiny-imagenet-cache:{folder}"
+        arrays = {f"{s}_x": np.load(folder / f"{s}_x.npy", mmap_mode="r") for s in samples}
+        return arrays, f"tiny-imagenet-cache:{folder}"
     arrays = {f"{s}_x": decode_files([p for p, _ in items]) for s, items in samples.items()}
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,15 @@ def ddp_processes(trainer: Mapping[str, Any], count_local: bool = True) -> Optio
     return per_node * int(trainer.get("num_nodes", 1) or 1)
 
 
+def linear_lr(base_lr: float, base_batch: int, batch_size: int, devices: Any = 1, num_nodes: Any = 1,
+              accelerator: Any = "auto") -> float:
+    """The learning rate by the linear scaling rule (Goyal et al. 2017), the ``kdx_linear_lr`` resolver of the
+    ImageNet recipes: ``base_lr`` for every ``base_batch`` samples of the global batch, ``batch_size`` (per process)
+    × the trainer's processes (devices × nodes; ``devices=-1``/``auto`` counts this machine's GPUs)."""
+    processes = ddp_processes({"devices": devices, "num_nodes": num_nodes, "accelerator": accelerator}) or 1
+    return float(base_lr) * int(batch_size) * processes / int(base_batch)
+
+
 def reruns_command_line(trainer: Mapping[str, Any]) -> bool:
     """True when Lightning would start this trainer's other ranks by re-running ``sys.argv``."""
     n = ddp_processes(trainer)

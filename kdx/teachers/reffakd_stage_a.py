@@ -104,12 +104,10 @@ def rotation_degrees(seed: int, epoch: int, idx: Tensor, max_degrees: float) -> 
 
 
 def augment(x_uint8: Tensor, idx: Tensor, seed: int, epoch: int, pad: int, rotation: float) -> Tensor:
-    """RandomCrop(pad) + HorizontalFlip + RandomRotation(rotation) of a uint8 batch → float in [0, 255]."""
-    x = x_uint8
-    if pad > 0:
-        dx, dy, flip = crop_flip_params(seed, epoch, idx, pad)
-        x = apply_crop_flip(x, dx, dy, flip, pad)
-    x = x.float()
+    """RandomCrop(pad) + HorizontalFlip + RandomRotation(rotation) of a uint8 batch → float in [0, 255]; ``pad`` 0
+    flips only (the Tiny-ImageNet and Fashion-MNIST notebooks: flip + rotation, no crop)."""
+    dx, dy, flip = crop_flip_params(seed, epoch, idx, pad)
+    x = apply_crop_flip(x_uint8, dx, dy, flip, pad).float()
     if rotation:
         x = rotate(x, rotation_degrees(seed, epoch, idx, rotation))
     return x
