@@ -15,9 +15,10 @@ import torch.nn as nn
 from conftest import TINY, compose_cfg, run_cli
 from kdx.datafree.augment import augment
 from kdx.datafree.bank import MemoryBank
+from kdx.datafree.common import BNStatHooks
 from kdx.datafree.losses import adversarial_loss, batch_moments, bn_statistics_loss, onehot_ce
 from kdx.datafree.lte import ClipTable, ClipText, SentenceTransformerText, prompt_texts
-from kdx.datafree.nayer import NAYER, BNStatHooks, NLGenerator, synthesis_targets
+from kdx.datafree.nayer import NAYER, NLGenerator, synthesis_targets
 from kdx.run import build_job as build, run
 
 # ---------------------------------------------------------------------------------------- generator

@@ -2,8 +2,11 @@
 
 A :class:`DataFreeStrategy` is a :class:`~kdx.distill.base.Strategy` whose ``regime`` is ``"datafree"``: the
 student's loss terms are its nested ``loss`` strategy's (any kdx logit strategy; KD at T = 20 for NAYER), and it
-adds the synthesis: per epoch, :meth:`synthesis_units` work units, each a :meth:`synthesis_step` that may hand
-back a batch of images for the regime's memory bank. The regime (:mod:`kdx.regimes.datafree`) owns the bank,
+adds the synthesis: per epoch, :meth:`synthesis_units` work units, each a :meth:`synthesis_step` (one optimiser step
+on a generator or on images) that may hand back a batch of images for the regime's memory bank. The epoch's
+synthesis units and student steps run in :meth:`rounds` equal rounds (each its synthesis units, then its student
+steps). Student batches come from the bank, or (``uses_bank = False``: generator-only methods such as DAFL) are
+drawn fresh from the synthesiser by :meth:`sample`. The regime (:mod:`kdx.regimes.datafree`) owns the bank,
 the student steps, evaluation and checkpoints; the synthesiser's own state (generators, statistics, optimisers
 that live across steps) goes through :meth:`synthesis_state` / :meth:`load_synthesis_state`.
 
@@ -13,7 +16,7 @@ in the DDP wrapper (under DDP each rank synthesises with its own generator and r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -53,6 +56,8 @@ class DataFreeStrategy(Strategy):
 
     regime = "datafree"
     needs_teacher = True
+    #: student batches come from the regime's memory bank; False: each student step draws one from :meth:`sample`
+    uses_bank: ClassVar[bool] = True
 
     def __init__(self, loss: Strategy, teacher_transform=None) -> None:
         super().__init__(teacher_transform)
@@ -81,6 +86,15 @@ class DataFreeStrategy(Strategy):
     def synthesis_step(self, env: SynthesisEnv, ep: int, unit: int, warmup: int) -> SynthesisStep:  # pragma: no cover
         raise NotImplementedError
 
+    def rounds(self, ep: int, warmup: int) -> int:
+        """Equal rounds the epoch's work runs in: each its share of the synthesis units, then its share of the
+        student steps (the official ``ep_steps // kd_steps`` loop; 1 for methods that synthesise once per epoch)."""
+        return 1
+
+    def sample(self, env: SynthesisEnv, n: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - uses_bank=False only
+        """``n`` fresh images in [0, 1] and their labels for one student step (only when ``uses_bank`` is False)."""
+        raise NotImplementedError
+
     def synthesis_state(self) -> dict[str, Any]:
         """The synthesiser's state for checkpoints (exact resume)."""
         return {}
@@ -93,7 +107,8 @@ class DataFreeStrategy(Strategy):
         return {}
 
     def images_per_epoch(self, ep: int, warmup: int) -> int:
-        """Images this synthesiser adds to the bank in epoch ``ep`` (the budget of a run, before it runs)."""
+        """Images this synthesiser adds to the bank in epoch ``ep`` (the budget of a run, before it runs; 0 for a
+        synthesiser without a bank)."""
         return 0
 
 

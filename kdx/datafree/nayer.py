@@ -5,8 +5,9 @@
   sigmoid. :meth:`NLGenerator.reinit_noisy` re-draws the noisy layers (weights N(0,1), bias 0) every
   synthesis loop; :meth:`NLGenerator.rebuild` is the official full re-initialisation every ``g_life``
   epochs (fresh default PyTorch init of everything).
-- :class:`BNStatHooks`: forward hooks on every ``BatchNorm2d`` of the teacher that record the batch
-  statistics of the layer *input* while synthesising, plus the momentum statistics (``bn_mmt``).
+- :class:`~kdx.datafree.common.BNStatHooks` (shared with the other synthesisers): forward hooks on every
+  ``BatchNorm2d`` of the teacher that record the batch statistics of the layer *input* while synthesising, plus
+  the momentum statistics (``bn_mmt``).
 - :class:`NAYER`: the ``distill=nayer`` node, a :class:`~kdx.datafree.base.DataFreeStrategy`: the synthesis
   hyper-parameters, the label-text embeddings and the student's logit loss (any kdx strategy; KD with T = 20
   and no CE by default). Its config selects the data-free regime (``module=datafree``: warm-up, student steps,
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from kdx.datafree.augment import augment
 from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
-from kdx.datafree.losses import Moments, adversarial_loss, batch_moments, bn_statistics_loss, onehot_ce
+from kdx.datafree.common import BNStatHooks, conv_decoder, draw_seed, seeded, student_logits
+from kdx.datafree.losses import adversarial_loss, onehot_ce
 from kdx.distill.base import Strategy
 
 # --------------------------------------------------------------------------- generator
@@ -69,19 +71,7 @@ class NLGenerator(nn.Module):
         self.n1 = nn.BatchNorm1d(le_size)
         self.le1 = nn.ModuleList([nn.Linear(le_size, le_emb_size) for _ in range(self.nle)])
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size**2))
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
-            nn.Sigmoid(),
-        )
+        self.conv_blocks = conv_decoder(ngf, nc)
 
     @property
     def noisy_layers(self) -> nn.ModuleList:
@@ -115,9 +105,7 @@ class NLGenerator(nn.Module):
         A new generator is built on the CPU with a seed drawn from ``generator`` and its state copied in,
         so the result does not depend on the device, and the parameters keep their identity.
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(draw_seed(generator)):
             fresh = NLGenerator(self.label_emb.detach().cpu(), **self.params)
         self.load_state_dict(fresh.state_dict())
 
@@ -128,78 +116,6 @@ def synthesis_targets(num_classes: int, sbz: int, generator: Optional[torch.Gene
     parts = [torch.arange(num_classes) for _ in range(reps)]
     parts.append(torch.randint(num_classes, (rest,), generator=generator))
     return torch.cat(parts).to(torch.int64)
-
-
-# --------------------------------------------------------------------------- BN statistics hooks
-
-
-class BNStatHooks:
-    """Forward hooks on every ``BatchNorm2d`` of ``net`` recording the batch moments of its input.
-
-    Only while :attr:`active` (synthesis steps); otherwise the hooks do nothing. :meth:`loss` is
-    :func:`~kdx.datafree.losses.bn_statistics_loss` against the layers' running statistics, with the
-    momentum statistics once they exist (``momentum > 0``); :meth:`update_momentum` folds the last
-    recorded batch into them (``mmt ← m·mmt + (1 − m)·current``, the first call initialises them).
-    """
-
-    def __init__(self, net: nn.Module, momentum: float = 0.9) -> None:
-        self.layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not self.layers:
-            raise ValueError(
-                "NAYER's BN-statistics loss needs a teacher with BatchNorm2d layers; this teacher has none "
-                "(set distill.bn=0 to synthesise without it)."
-            )
-        self.momentum = float(momentum)
-        self.active = False
-        self.current: list[Optional[Moments]] = [None] * len(self.layers)
-        self.mmt: list[Optional[Moments]] = [None] * len(self.layers)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-
-    def _hook(self, i: int) -> Callable:
-        def hook(module, inputs, output):
-            if self.active:
-                self.current[i] = batch_moments(inputs[0])
-        return hook
-
-    def loss(self) -> Tensor:
-        if any(c is None for c in self.current):
-            raise RuntimeError("BN statistics were not recorded: run the teacher with the hooks active first")
-        running = [(m.running_mean, m.running_var) for m in self.layers]
-        mmt = self.mmt if self.momentum > 0 else None
-        return bn_statistics_loss(self.current, running, mmt, self.momentum)
-
-    @torch.no_grad()
-    def update_momentum(self) -> None:
-        if self.momentum <= 0:
-            return
-        for i, cur in enumerate(self.current):
-            if cur is None:
-                continue
-            mean, var = cur[0].detach(), cur[1].detach()
-            if self.mmt[i] is None:
-                self.mmt[i] = (mean.clone(), var.clone())
-            else:
-                m = self.momentum
-                self.mmt[i] = (m * self.mmt[i][0] + (1 - m) * mean, m * self.mmt[i][1] + (1 - m) * var)
-
-    def clear(self) -> None:
-        self.current = [None] * len(self.layers)
-
-    def state_dict(self) -> list[Optional[tuple[Tensor, Tensor]]]:
-        return [None if m is None else (m[0].detach().cpu(), m[1].detach().cpu()) for m in self.mmt]
-
-    def load_state_dict(self, state: Sequence[Optional[Sequence[Tensor]]]) -> None:
-        if len(state) != len(self.layers):
-            raise ValueError(f"momentum statistics for {len(state)} BN layers, the teacher has {len(self.layers)}")
-        dev = self.layers[0].running_mean.device
-        self.mmt = [None if s is None else (s[0].to(dev), s[1].to(dev)) for s in state]
-
-    def to(self, device) -> None:
-        self.mmt = [None if m is None else (m[0].to(device), m[1].to(device)) for m in self.mmt]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------- the distill node
@@ -341,17 +257,8 @@ class NAYER(DataFreeStrategy):
         if self.hooks is not None:
             terms["bn"] = self.w_bn * self.hooks.loss()
         terms["oh"] = self.w_oh * onehot_ce(t_logits, st["onehot"])
-        if self.w_adv > 0 and ep >= warmup:
-            student = env.student
-            student.train(st["student_train"])
-            requires = [p.requires_grad for p in student.parameters()]
-            student.requires_grad_(False)  # gradients to the images only, never to the student
-            try:
-                s_logits = student(env.prep(x_aug))
-            finally:
-                for p, r in zip(student.parameters(), requires):
-                    p.requires_grad_(r)
-            terms["adv"] = self.w_adv * adversarial_loss(s_logits, t_logits)
+        if self.w_adv > 0 and ep >= warmup:  # gradients to the images only, never to the student
+            terms["adv"] = self.w_adv * adversarial_loss(student_logits(env, x_aug, st["student_train"]), t_logits)
         loss = torch.stack([v.float() for v in terms.values()]).sum()
         with torch.no_grad():  # the lowest-loss batch of this loop (the first iterate is always taken)
             if st["best_x"] is None:

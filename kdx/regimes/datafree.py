@@ -1,15 +1,22 @@
 """``module=datafree``: the student never sees a training image; a synthesiser feeds a memory bank.
 
 Lightning's training loop runs over *work units* (:class:`SynthesisData` gives a loader of
-``units(epoch)`` items, rebuilt every epoch): unit ``u < n`` (``n = strategy.synthesis_units(epoch)``) is one
-synthesis step of the strategy (:class:`kdx.datafree.base.DataFreeStrategy`), the rest are student steps on
-batches drawn from the bank, from the ``warmup``-th epoch on (``kd_steps`` per epoch). So the progress bar counts
-synthesis and student steps; the real training split is never read. Optimisation is manual: the synthesiser owns
+``units(epoch)`` items, rebuilt every epoch): ``strategy.synthesis_units(epoch)`` synthesis steps of the strategy
+(:class:`kdx.datafree.base.DataFreeStrategy`) and, from the ``warmup``-th epoch on, ``kd_steps`` student steps on
+batches drawn from the bank (or from ``strategy.sample`` for a synthesiser without a bank), in
+``strategy.rounds(epoch)`` equal rounds of synthesis then student steps. So the progress bar counts synthesis and
+student steps; the real training split is never read. Optimisation is manual: the synthesiser owns
 its optimisers; the student's (top-level ``optim``) steps only on student steps and its schedule
 (top-level ``scheduler``) once per epoch.
 
+Cost is a result: every epoch's history row records the synthesis and student wall-clock (``synthesis_s``,
+``student_s``), synthesis optimiser steps (``synthesis_steps``), images synthesised for the student
+(``images_synthesised``: added to the bank, or drawn by ``sample``) and ``bank_images``, each also as a running total
+(``*_total``); results.json's ``datafree`` node has the totals. Time spent drawing samples counts as synthesis (as the
+official ``time_cost``). On a GPU the clock is read after a device synchronisation.
+
 Evaluation, metrics, history, best epoch and checkpointing are the shared base's (:mod:`kdx.regimes.base`). The
-bank, this rank's random stream, the times and the synthesiser's state are saved in the checkpoint under
+bank, this rank's random stream, the cost counters and the synthesiser's state are saved in the checkpoint under
 ``"datafree"`` (exact resume). Under DDP each rank synthesises with its own generator and random stream, into
 its own bank; the student is trained data-parallel.
 """
@@ -33,6 +40,8 @@ from kdx.regimes.base import KDModule, Parts
 from kdx.regimes.step import distill_step
 
 log = logging.getLogger(__name__)
+
+COST_KEYS = ("synthesis_s", "student_s", "synthesis_steps", "images_synthesised")
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -115,7 +124,8 @@ class DataFreeModule(KDModule):
         self._perm_pos = 0
         self._grid_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._pending_state: Optional[dict[str, Any]] = None
-        self.times = {"synthesis_s": 0.0, "student_s": 0.0}
+        self.cost: dict[str, float] = dict.fromkeys(COST_KEYS, 0)  # running totals
+        self._epoch_cost: dict[str, float] = dict(self.cost)  # the totals at the start of this epoch
         self._restored_rank0_state = False
 
     @property
@@ -124,8 +134,27 @@ class DataFreeModule(KDModule):
 
     # ------------------------------------------------------------------ what the orchestration reads
     def units(self, ep: int) -> int:
-        """Training-loop iterations of epoch ``ep`` (0-based): synthesis units, then student steps."""
+        """Training-loop iterations of epoch ``ep`` (0-based): synthesis units and student steps."""
+        self._round_sizes(ep)  # an uneven split stops here, at the epoch's start
         return self.synthesiser.synthesis_units(ep, self.warmup) + self.student_steps(ep)
+
+    def _round_sizes(self, ep: int) -> tuple[int, int]:
+        """(synthesis units, student steps) of one round of epoch ``ep``."""
+        n_syn, n_st = self.synthesiser.synthesis_units(ep, self.warmup), self.student_steps(ep)
+        if n_st == 0:  # a warm-up epoch: synthesis only
+            return n_syn, 0
+        r = self.synthesiser.rounds(ep, self.warmup)
+        if r < 1 or n_syn % r or n_st % r:
+            raise ConfigError(f"Epoch {ep + 1} runs in {r} rounds, which must split its {n_syn} synthesis steps and "
+                              f"its module.kd_steps={n_st} student steps evenly: set module.kd_steps (or distill.rounds) "
+                              "so that both divide.")
+        return n_syn // r, n_st // r
+
+    def unit_kind(self, ep: int, unit: int) -> tuple[bool, int]:
+        """(is a synthesis step, its index among the epoch's synthesis steps) of work unit ``unit``."""
+        syn, st = self._round_sizes(ep)
+        r, pos = divmod(unit, syn + st)
+        return pos < syn, r * syn + pos
 
     def student_steps(self, ep: int) -> int:
         return self.kd_steps if ep >= self.warmup else 0
@@ -139,6 +168,10 @@ class DataFreeModule(KDModule):
     def bank_images(self, epochs: int) -> int:
         """Images a run of ``epochs`` epochs adds to the bank."""
         return sum(self.synthesiser.images_per_epoch(e, self.warmup) for e in range(epochs))
+
+    def synthesis_steps(self, epochs: int) -> int:
+        """Synthesis optimiser steps of a run of ``epochs`` epochs."""
+        return sum(self.synthesiser.synthesis_units(e, self.warmup) for e in range(epochs))
 
     # ------------------------------------------------------------------ set-up
     def _rank(self) -> int:
@@ -166,22 +199,30 @@ class DataFreeModule(KDModule):
             self.rng.manual_seed(_rank_seed(self.seed, self._rank()) ^ (self.current_epoch + 1))
 
     # ------------------------------------------------------------------ the epoch
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously: time what ran, not what was queued
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
+        self._epoch_cost = dict(self.cost)
+        t0 = self._clock()
         self.synthesiser.on_epoch_start(self.env, self.current_epoch, self.warmup)
+        self.cost["synthesis_s"] += self._clock() - t0
         self._perm, self._perm_pos = None, 0
         self._grid_batch = None
 
     def training_step(self, batch, batch_idx):
         ep = self.current_epoch
-        n_syn = self.synthesiser.synthesis_units(ep, self.warmup)
-        t0 = time.perf_counter()
-        if batch_idx < n_syn:
-            loss = self._synthesis_step(ep, batch_idx)
-            self.times["synthesis_s"] += time.perf_counter() - t0
+        is_synthesis, unit = self.unit_kind(ep, batch_idx)
+        t0 = self._clock()
+        if is_synthesis:
+            loss = self._synthesis_step(ep, unit)
+            self.cost["synthesis_s"] += self._clock() - t0
+            self.cost["synthesis_steps"] += 1
         else:
             loss = self._student_step(ep)
-            self.times["student_s"] += time.perf_counter() - t0
         return loss
 
     def _synthesis_step(self, ep: int, unit: int) -> torch.Tensor:
@@ -193,6 +234,7 @@ class DataFreeModule(KDModule):
         if out.images is not None:
             x, y = out.images
             self.bank.add(x, y)
+            self.cost["images_synthesised"] += x.shape[0]
             self._grid_batch = (x.detach().float().cpu(), y.cpu())
         return out.loss
 
@@ -206,7 +248,18 @@ class DataFreeModule(KDModule):
         self._perm_pos += len(idx)
         return idx
 
-    def _student_step(self, ep: int) -> torch.Tensor:
+    def _student_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The next student batch, normalised, and the seconds spent synthesising it: from the bank (with the train
+        transform; 0 s), or drawn fresh from the synthesiser."""
+        if not self.synthesiser.uses_bank:  # generator-only methods: fresh images, as given (no crop or flip)
+            t0 = self._clock()
+            with torch.no_grad():
+                x, y = self.synthesiser.sample(self.env, self.batch_size)
+                x = augment(x.float(), self.mean, self.std, 0, False)
+            spent = self._clock() - t0
+            self.cost["synthesis_s"] += spent
+            self.cost["images_synthesised"] += x.shape[0]
+            return x, y.to(self.device), torch.arange(x.shape[0], device=self.device), spent
         if self.bank is None or len(self.bank) == 0:
             raise ConfigError("The memory bank is empty at the first student step: synthesise before distilling "
                               "(module.warmup >= 1, or synthesis loops in every epoch).")
@@ -215,6 +268,11 @@ class DataFreeModule(KDModule):
         x, y, idx = x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device)
         with torch.no_grad():  # the real-data train transform: RandomCrop(pad) + HFlip + Normalize
             x = augment(x, self.mean, self.std, self.pad if self.augment_bank else 0, self.augment_bank, self.rng)
+        return x, y, idx, 0.0
+
+    def _student_step(self, ep: int) -> torch.Tensor:
+        t0 = self._clock()
+        x, y, idx, synthesis_s = self._student_batch()
         self.student.train()
         # the student loss sees 1-based epochs of distillation (epoch 1 = the first after warm-up)
         loss, terms = distill_step(self.step_parts, Batch(self._prep(x), y, idx), ep - self.warmup + 1)
@@ -225,7 +283,24 @@ class DataFreeModule(KDModule):
         opt.step()
         self.log_terms(loss, terms, batch_size=x.shape[0])
         self.track_train_loss(loss, x.shape[0])
+        self.cost["student_s"] += self._clock() - t0 - synthesis_s
         return loss.detach()
+
+    def on_validation_epoch_end(self) -> None:
+        rows = len(self.history)
+        super().on_validation_epoch_end()
+        if len(self.history) > rows:  # this epoch's row: its cost and the running totals
+            self.history[-1].update(self.cost_row())
+
+    def cost_row(self) -> dict[str, float]:
+        """The cost of the epoch so far and the running totals (history row fields)."""
+        row: dict[str, float] = {}
+        for key in COST_KEYS:
+            total = self.cost[key]
+            row[key] = round(total - self._epoch_cost[key], 4) if key.endswith("_s") else int(total - self._epoch_cost[key])
+            row[f"{key}_total"] = round(total, 4) if key.endswith("_s") else int(total)
+        row["bank_images"] = len(self.bank) if self.bank is not None else 0
+        return row
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # a warm-up epoch has no student step: its history row has no train_loss
@@ -264,7 +339,7 @@ class DataFreeModule(KDModule):
             "synthesis": self.synthesiser.synthesis_state(),
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "rng": self.rng.get_state(),
-            "times": dict(self.times),
+            "cost": dict(self.cost),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -279,18 +354,22 @@ class DataFreeModule(KDModule):
                 self.setup("fit")
             self.bank.load_state_dict(state["bank"])
         self.rng.set_state(state["rng"])
-        self.times.update(state.get("times", {}))
+        self.cost.update(state.get("cost", {}))
         self._restored_rank0_state = True
 
     def results_extra(self) -> dict[str, Any]:
-        """What results.json records about the synthesis (the bank, times, the synthesiser)."""
+        """What results.json records about the synthesis (the bank, its cost in total, the synthesiser); the cost
+        per epoch is in the history rows."""
         epochs = int(self.trainer.max_epochs) if self._trainer is not None else None
         return {"datafree": {
             "training_images_used": 0,
             "bank": self.bank.describe() if self.bank is not None else None,
             "bank_images_full_run": self.bank_images(epochs) if epochs else None,
-            "synthesis_time_s": round(self.times["synthesis_s"], 2),
-            "student_time_s": round(self.times["student_s"], 2),
+            "synthesis_steps_full_run": self.synthesis_steps(epochs) if epochs else None,
+            "synthesis_time_s": round(self.cost["synthesis_s"], 2),
+            "student_time_s": round(self.cost["student_s"], 2),
+            "synthesis_steps": int(self.cost["synthesis_steps"]),
+            "images_synthesised": int(self.cost["images_synthesised"]),
             **self.synthesiser.describe(),
         }}
 
