@@ -1,0 +1,320 @@
+"""The data-free baselines next to NAYER (DeepInversion, CMI, Fast, DAFL): their losses against hand values and the
+official functions, one synthesis step each, and each method end to end through the real config with exact resume
+and the cost fields of the data-free regime."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import TINY, compose_cfg
+from kdx.datafree.base import SynthesisEnv
+from kdx.datafree.cmi import CMI, FeatureMemory, MLPHead, contrastive_loss, random_resized_crop
+from kdx.datafree.common import BNStatHooks, Generator, class_balance, dcgan_init, image_prior_tv, jsdiv
+from kdx.datafree.dafl import DAFL
+from kdx.datafree.deepinv import DeepInversion, jitter_and_flip
+from kdx.datafree.fast import Fast, add_meta_grads, set_reptile_grads
+from kdx.distill.kd import KD
+from kdx.models.registry import create_model
+from kdx.run import build_job, run
+
+# ---------------------------------------------------------------------------------------- official reference values
+# From zju-vipa/Fast-Datafree 0dcecbc (its datafree/ package is tmtuan1307/NAYER c6bedcd's, byte for byte, for
+# criterions.py, hooks.py, synthesis/{deepinversion,contrastive,generative}.py), run on CPU by a scratch script on
+# the inputs rebuilt below from the same seeds.
+
+
+def _logits():
+    torch.manual_seed(0)
+    return torch.randn(4, 5) * 2, torch.randn(4, 5) * 2
+
+
+def test_losses_equal_the_official_criterions():
+    s, t = _logits()
+    assert float(jsdiv(s, t, T=3)) == pytest.approx(0.07135859876871109, rel=1e-5)  # criterions.jsdiv(s, t, T=3)
+    assert float(jsdiv(s, t)) == pytest.approx(0.5844326615333557, rel=1e-5)
+    assert float(class_balance(t)) == pytest.approx(-1.3465698957443237, rel=1e-5)  # class_balance_loss(t)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 5)
+    assert float(image_prior_tv(x)) == pytest.approx(4.111135005950928, rel=1e-5)  # get_image_prior_losses(x)
+
+
+def test_bn_hooks_with_momentum_equal_the_official_deepinversion_hook():
+    """hooks.DeepInversionHook(m, 0.9): r_feature summed over layers, update_mmt between forwards."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)).eval()
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    hooks = BNStatHooks(net, 0.9)
+    x1, x2 = torch.randn(8, 3, 6, 6), torch.randn(8, 3, 6, 6) + 1
+    got = []
+    for x in (x1, x2, x1):
+        with hooks.recording():
+            net(x)
+        got.append(float(hooks.loss().detach()))
+        hooks.update_momentum()
+    assert got == pytest.approx([4.868671417236328, 4.839841842651367, 4.842637538909912], rel=1e-5)
+
+
+def test_generator_is_the_official_one_and_its_meta_gradients():
+    torch.manual_seed(3)  # models.generator.Generator(nz=16, ngf=8, img_size=32, nc=3) built under the same seed
+    g = Generator(nz=16, ngf=8, img_size=32, nc=3).train()
+    z = torch.randn(5, 16)
+    assert sum(p.numel() for p in g.parameters()) == 21163
+    assert float(g(z).sum()) == pytest.approx(7585.7958984375, rel=1e-5)
+    torch.manual_seed(4)  # fast_meta.fomaml_grad twice / reptile_grad (alpha 67) on two such generators
+    meta, fast = Generator(nz=4, ngf=2, img_size=8), Generator(nz=4, ngf=2, img_size=8)
+    fast(torch.randn(3, 4)).sum().backward()
+    add_meta_grads(meta, fast)
+    add_meta_grads(meta, fast)
+    assert float(sum(p.grad.sum() for p in meta.parameters())) == pytest.approx(1840.2906494140625, rel=1e-5)
+    set_reptile_grads(meta, fast)
+    assert float(sum(p.grad.abs().sum() for p in meta.parameters())) == pytest.approx(4194.70947265625, rel=1e-5)
+
+
+def test_cmi_head_and_contrastive_loss_equal_the_official_lines():
+    """contrastive.MLPHead(6, 3) and the loss lines of CMISynthesizer.synthesize (cr_T 0.2, 4 rows + 5 cached)."""
+    torch.manual_seed(5)
+    head = MLPHead(6, 3)
+    lf, gf, clf, cgf = torch.randn(4, 6), torch.randn(4, 6), torch.randn(5, 6), torch.randn(5, 6)
+    pl_, pg = head(torch.cat([lf, clf, gf, cgf])).chunk(2)
+    assert float(contrastive_loss(pl_, pg, 4, 0.2, split=True)) == pytest.approx(9.708795547485352, rel=1e-5)
+    assert float(contrastive_loss(pl_, pg, 4, 0.2, split=False)) == pytest.approx(4.816461563110352, rel=1e-5)
+
+
+def test_feature_memory_draws_as_the_official_one_and_the_full_memory_quirk():
+    """contrastive.MemoryBank(max_size=8): get_data(6) gives 4, then 0 when exactly full, then 6."""
+    rng = torch.Generator().manual_seed(0)
+    for fix, want in ((False, [4, 0, 6]), (True, [4, 6, 6])):
+        mem, got = FeatureMemory(8, full_fix=fix), []
+        for k in range(3):
+            mem.add(torch.full((4, 2), float(k)))
+            got.append(len(mem.sample(6, rng)))
+        assert got == want
+    assert mem.data[:, 0].tolist() == [2, 2, 2, 2, 1, 1, 1, 1] and mem.ptr == 4  # a ring: the oldest replaced
+    empty = contrastive_loss(torch.eye(2)[:1], torch.eye(2)[:1], 1, 0.2, split=True)
+    assert math.isnan(float(empty))  # the official second mean over no negatives
+
+
+# ---------------------------------------------------------------------------------------- hand values and invariants
+
+
+def test_hand_values_of_the_shared_losses():
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    assert float(image_prior_tv(x)) == pytest.approx(1 + 2 + 1 + 3)  # |d_h| 1, |d_v| 2, diagonals 1 and 3
+    assert float(class_balance(torch.zeros(3, 7))) == pytest.approx(-math.log(7))
+    z = torch.randn(6, 5)
+    assert float(jsdiv(z, z, T=3)) == pytest.approx(0.0, abs=1e-7) and float(jsdiv(z, -z)) > 0
+    e = torch.eye(2)  # orthonormal projections at T = 1: each row −log(e / (e + 1))
+    per_row = math.log(1 + math.exp(-1))
+    assert float(contrastive_loss(e, e, 1, 1.0, split=True)) == pytest.approx(2 * per_row)
+    assert float(contrastive_loss(e, e, 1, 1.0, split=False)) == pytest.approx(per_row)
+
+
+def test_augmentations_are_rolls_flips_and_resized_crops():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).requires_grad_()
+    rng = torch.Generator().manual_seed(0)
+    assert torch.equal(jitter_and_flip(x, 0.0, False, rng), x)
+    for _ in range(5):  # one roll (and maybe one flip) of the whole batch: the same shift for every image
+        y = jitter_and_flip(x, 1 / 8, True, rng)
+        shifts = [(dy, dx, f) for dy in range(-1, 2) for dx in range(-1, 2) for f in (0, 1)
+                  if torch.equal(y, torch.roll(x, (dy, dx), (2, 3)).flip(3) if f else torch.roll(x, (dy, dx), (2, 3)))]
+        assert len(shifts) == 1
+    assert torch.allclose(random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), rng), x, atol=1e-4)  # the whole image
+    crop = random_resized_crop(x, (0.25, 0.25), (1.0, 1.0), rng)  # a 4×4 box resized to 8×8
+    crop.sum().backward()
+    assert crop.shape == x.shape and int((x.grad[0, 0] > 1e-4).sum()) == 16  # only the box feeds the output
+
+
+def test_generator_reinit_and_fast_schedule():
+    g = Generator(nz=8, ngf=4, img_size=8)
+    dcgan_init(list(g.modules()), torch.Generator().manual_seed(0))
+    w = g.l1[0].weight
+    assert abs(float(w.std()) - 0.02) < 0.005 and float(g.l1[0].bias.abs().sum()) == 0
+    bn = g.conv_blocks[0]
+    assert abs(float(bn.weight.mean()) - 1) < 0.02 and float(bn.bias.abs().sum()) == 0
+    fast = Fast(KD())  # the official script: warm-up 20, one synthesis per epoch
+    assert [e for e in range(25) if fast.adv_on(e, 0, 20)] == list(range(19, 25))  # from call 20: one epoch early
+    late = Fast(KD(), adv_from_call=False)
+    assert [e for e in range(25) if late.adv_on(e, 0, 20)] == list(range(20, 25))
+    assert fast.call_index(139, 0) == 140 == fast.reset_l0_at + 20  # reset_l0 at the 140th synthesis
+
+
+def test_dafl_refuses_a_ce_term_and_declares_no_bank():
+    with pytest.raises(ValueError, match="distill.loss.w_ce"):
+        DAFL(KD(w_ce=1.0))
+    assert DAFL.uses_bank is False and DeepInversion.uses_bank and DAFL(_kd()).rounds(0, 0) == 80
+
+
+# ---------------------------------------------------------------------------------------- one synthesis step
+
+
+def _kd() -> KD:
+    return KD(temperature=20.0, w_ce=0.0, w_kd=1.0)  # distill/loss=kd of the data-free methods
+
+
+def _env(seed: int = 0) -> SynthesisEnv:
+    torch.manual_seed(seed)
+    teacher, student = create_model("resnet8", 10).eval(), create_model("resnet8", 10)
+    teacher.requires_grad_(False)
+    return SynthesisEnv(teacher, student, 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                        [str(i) for i in range(10)], "synthetic", torch.Generator().manual_seed(seed),
+                        torch.device("cpu"))
+
+
+def _frozen(env: SynthesisEnv) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in env.teacher.state_dict().items()}
+
+
+def _untouched(env: SynthesisEnv, before: dict[str, torch.Tensor]) -> None:
+    assert all(torch.equal(v, before[k]) for k, v in env.teacher.state_dict().items())
+    assert all(p.grad is None for p in (*env.teacher.parameters(), *env.student.parameters()))
+
+
+def _params(m: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _changed(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_deepinversion_step_moves_the_images_only(one_thread):
+    env, sm = _env(), DeepInversion(KD(), g_steps=2, synthesis_batch_size=6)
+    sm.setup(env)
+    before = _frozen(env)
+    out = sm.synthesis_step(env, 0, 0, 0)
+    x1 = sm._batch["x"].detach().clone()
+    assert set(out.terms) == {"bn", "oh", "adv"} and out.images is None
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    assert float(x1.min()) >= lo and float(x1.max()) <= hi  # clamped to the image range after the step
+    out = sm.synthesis_step(env, 0, 1, 0)
+    x2 = out.images[0]  # keep_best=false (official): the last iterate, denormalised
+    assert not torch.allclose(x2, x1 * 0.25 + 0.5) and x2.shape == (6, 3, 32, 32)
+    assert out.images[1].tolist() == sorted(out.images[1].tolist())  # sorted targets
+    assert float(x2.min()) >= -1e-6 and float(x2.max()) <= 1 + 1e-6  # back in [0, 1]
+    _untouched(env, before)
+
+
+def test_cmi_step_moves_generator_latents_head_and_memory(one_thread):
+    env = _env()
+    sm = CMI(KD(), g_steps=2, synthesis_batch_size=6, nz=8, ngf=4, head_dim=4, memory_size=12, n_neg=5)
+    sm.setup(env)
+    before, head0 = _frozen(env), _params(sm.head)
+    sm.synthesis_step(env, 0, 0, 0)
+    gen1, z1 = _params(sm.generator), sm._batch["z"].detach().clone()
+    out = sm.synthesis_step(env, 0, 1, 0)
+    assert _changed(gen1, _params(sm.generator)) and _changed(head0, _params(sm.head))
+    assert sm._batch == {} and out.images[0].shape == (6, 3, 32, 32) and z1.shape == (6, 8)
+    assert set(out.terms) == {"bn", "oh", "adv", "cr"} and sm.memory.n_updates == 6
+    assert sm.memory.data.shape[1] == 2 * sm.head.head[0].in_features  # (local, global) instance means
+    _untouched(env, before)
+
+
+def test_fast_step_meta_update_after_the_last_inner_step(one_thread):
+    env = _env()
+    sm = Fast(KD(), g_steps=3, synthesis_batch_size=6, nz=8, ngf=4)
+    sm.setup(env)
+    before, meta0 = _frozen(env), _params(sm.generator)
+    for u in range(2):
+        sm.synthesis_step(env, 0, u, 0)
+        assert not _changed(meta0, _params(sm.generator))  # the meta generator waits for the last inner step
+    fast = sm._batch["fast"]
+    assert _changed(meta0, _params(fast))
+    out = sm.synthesis_step(env, 0, 2, 0)
+    assert _changed(meta0, _params(sm.generator)) and out.images is not None
+    assert sm.hooks.mmt[0] is not None  # momentum statistics folded in after the synthesis
+    _untouched(env, before)
+
+
+def test_dafl_step_and_samples(one_thread):
+    env = _env()
+    sm = DAFL(_kd(), synthesis_batch_size=6, nz=8, ngf=4)
+    sm.setup(env)
+    before, g0 = _frozen(env), _params(sm.generator)
+    out = sm.synthesis_step(env, 0, 0, 0)
+    assert set(out.terms) == {"oh", "act", "balance"} and out.images is None and _changed(g0, _params(sm.generator))
+    g1 = _params(sm.generator)
+    x, y = sm.sample(env, 5)
+    assert x.shape == (5, 3, 32, 32) and y.tolist() == [0] * 5 and not _changed(g1, _params(sm.generator))
+    _untouched(env, before)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+SMALL = ["module.warmup=1", "module.kd_steps=4", "module.batch_size=16", "module.grid_per_class=2"]
+METHODS = {
+    "deepinv": ["distill.g_steps=2", "distill.synthesis_batch_size=12", "distill.rounds=2"],
+    "cmi": ["distill.g_steps=2", "distill.synthesis_batch_size=12", "distill.ngf=8", "distill.nz=16",
+            "distill.head_dim=8", "distill.memory_size=48", "distill.n_neg=10"],
+    "fast": ["distill.g_steps=2", "distill.synthesis_batch_size=12", "distill.ngf=8", "distill.nz=16",
+             "distill.reset_l0_at=0"],
+    "dafl": ["distill.rounds=2", "distill.synthesis_batch_size=12", "distill.ngf=8", "distill.nz=16"],
+}
+
+
+class StopAfter(pl.Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def _student(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("student.")}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_end_to_end_exact_resume_and_cost_fields(method, tmp_path, teacher_ckpt, one_thread):
+    args = TINY + [f"distill={method}", "trainer.max_epochs=3", f"teacher.ckpt={teacher_ckpt}"] + SMALL + METHODS[method]
+    straight = run(compose_cfg(args, tmp_path, "straight"))
+    job = build_job(compose_cfg(args, tmp_path, "cut"))  # the same run, stopped after 2 epochs, then resumed
+    job.trainer.callbacks.append(StopAfter(2))
+    job.trainer.fit(job.module, datamodule=job.module.fit_datamodule())
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    resumed = run(compose_cfg(args + [f"ckpt_path={last}"], tmp_path, "resumed"))
+    a, b = _student(tmp_path / "straight" / "checkpoints" / "last.ckpt"), _student(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bit-identical"
+    assert [h["val_acc1"] for h in straight["history"]] == [h["val_acc1"] for h in resumed["history"]]
+    # cost: per-epoch fields add up to the totals, steps follow the schedule, images match the bank or the samples
+    saved = json.loads((tmp_path / "straight" / "results.json").read_text())
+    df, hist, module = saved["datafree"], saved["history"], job.module
+    assert len(hist) == 3 and df["training_images_used"] == 0
+    for key, total in (("synthesis_s", "synthesis_time_s"), ("student_s", "student_time_s")):
+        assert sum(h[key] for h in hist) == pytest.approx(df[total], abs=0.02)
+        assert hist[-1][f"{key}_total"] == pytest.approx(df[total], abs=0.01)
+    assert hist[0]["student_s"] == 0 and all(h["synthesis_s"] > 0 for h in hist)  # epoch 1 is the warm-up
+    steps = [module.synthesiser.synthesis_units(e, 1) for e in range(3)]
+    assert [h["synthesis_steps"] for h in hist] == steps and df["synthesis_steps"] == sum(steps) == \
+        df["synthesis_steps_full_run"]
+    if module.synthesiser.uses_bank:
+        per_epoch = [module.synthesiser.images_per_epoch(e, 1) for e in range(3)]
+        assert [h["bank_images"] for h in hist] == [sum(per_epoch[: e + 1]) for e in range(3)]
+    else:
+        per_epoch = [0, 4 * 16, 4 * 16]  # every student step draws its batch
+        assert all(h["bank_images"] == 0 for h in hist)
+    assert [h["images_synthesised"] for h in hist] == per_epoch and df["images_synthesised"] == sum(per_epoch)
+    assert resumed["datafree"]["synthesis_steps"] == df["synthesis_steps"]
+
+
+def test_every_baseline_config_composes_with_its_official_regime():
+    from kdx.config import validate
+
+    want = {"deepinv": (0, 0.1, 1000), "cmi": (0, 0.1, 200), "fast": (20, 0.2, 2), "dafl": (0, 0.1, 1)}
+    for method, (warmup, lr, g_steps) in want.items():
+        cfg = compose_cfg([f"distill={method}", "data=cifar100"], Path("/tmp/kdx-datafree-compose"))
+        validate(cfg)
+        assert (cfg.module.warmup, cfg.optim.lr, cfg.distill.g_steps) == (warmup, lr, g_steps)
+        assert cfg.module.batch_size == cfg.distill.synthesis_batch_size == 256 and cfg.module.kd_steps == 400
+        assert cfg.distill.loss.temperature == 20.0 and cfg.distill.loss.w_ce == 0.0
+    cfg = compose_cfg(["experiment=cifar100/nayer/vgg11_res18", "distill=fast"], Path("/tmp/kdx-datafree-compose"))
+    assert cfg.distill.adv == 1.0  # the Fast script's per-pair weight (conf/recipe/fast/cifar100/nayer/)
