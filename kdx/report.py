@@ -3,7 +3,8 @@
 Reads every run's ``results.json`` under the folders and writes, next to the sweep (the first folder, or
 ``--out DIR``): ``results.md`` (the table, printed too), ``results.csv`` (tidy, one row per dataset, pair
 and method), ``acc_by_method.png`` (each seed and mean ± std per method) and ``val_curves.png``
-(validation top-1 per epoch, mean over seeds with a ± std band).
+(validation top-1 per epoch, mean over seeds with a ± std band); with data-free runs, ``synthesis_cost.png``
+(validation top-1 against cumulative synthesis wall-clock and synthesis steps, one line per method).
 
 The protocol, so that every number says what it is:
 
@@ -554,6 +555,37 @@ def plot_curves(report: Report, path: Path) -> None:
     _save(fig, path)
 
 
+def _cost_curve(runs: list[Run], x_key: str) -> tuple[list[float], list[float]]:
+    """Per epoch reached by every run: the mean over runs of ``x_key`` (a running total) and of val top-1."""
+    rows = [{h["epoch"]: h for h in r.data.get("history") or [] if h.get(x_key) is not None} for r in runs]
+    epochs = sorted(set.intersection(*(set(r) for r in rows))) if rows else []
+    return ([statistics.mean(float(r[e][x_key]) for r in rows) for e in epochs],
+            [statistics.mean(float(r[e]["val_acc1"]) for r in rows) for e in epochs])
+
+
+def plot_synthesis_cost(report: Report, path: Path) -> bool:
+    """Data-free runs: val top-1 against cumulative synthesis seconds and synthesis steps (history's
+    ``synthesis_s_total``, ``synthesis_steps_total``), mean over seeds, one line per method; False if none."""
+    rows = [(row, cells) for row in report.rows
+            if (cells := [c for c in _columns(row) if c.runs and _cost_curve(c.runs, "synthesis_s_total")[0]])]
+    if not rows:
+        return False
+    fig, axes = _figure(2 * len(rows))
+    for i, (row, cells) in enumerate(rows):
+        for ax, key, label in ((axes[2 * i], "synthesis_s_total", "synthesis wall-clock (s)"),
+                               (axes[2 * i + 1], "synthesis_steps_total", "synthesis optimiser steps")):
+            for cell in cells:
+                xs, ys = _cost_curve(cell.runs, key)
+                ax.plot(xs, ys, marker="o", markersize=2.5, lw=1.2, label=f"{cell.label} (n={len(cell.runs)})")
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation top-1 (%)")
+            ax.set_title(f"{row.dataset}: {row.title}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def load(folders: Iterable[str | Path]) -> Report:
     """The report of ``folders``; a folder that does not exist or has no completed run raises NoResults."""
@@ -589,6 +621,8 @@ def write(report: Report, out: str | Path, metric: Metric = "both", plots: bool 
             plot_accuracy(report, paths["acc_by_method.png"], metric)
             plot_curves(report, paths["val_curves.png"])
             written.update({k: paths[k] for k in ("acc_by_method.png", "val_curves.png")})
+            if plot_synthesis_cost(report, out / "synthesis_cost.png"):
+                written["synthesis_cost.png"] = out / "synthesis_cost.png"
         except ImportError as e:  # matplotlib is the optional extra kdx[report]
             log.warning("Plots skipped (%s): pip install 'kdx[report]' for matplotlib.", e)
     return written

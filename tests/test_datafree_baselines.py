@@ -3,6 +3,7 @@ official functions, one synthesis step each, and each method end to end through 
 and the cost fields of the data-free regime."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -275,14 +276,15 @@ def _student(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_end_to_end_exact_resume_and_cost_fields(method, tmp_path, teacher_ckpt, one_thread):
-    args = TINY + [f"distill={method}", "trainer.max_epochs=3", f"teacher.ckpt={teacher_ckpt}"] + SMALL + METHODS[method]
+    args = [*TINY, f"distill={method}", "trainer.max_epochs=3", f"teacher.ckpt={teacher_ckpt}", *SMALL,
+            *METHODS[method]]
     straight = run(compose_cfg(args, tmp_path, "straight"))
     job = build_job(compose_cfg(args, tmp_path, "cut"))  # the same run, stopped after 2 epochs, then resumed
     job.trainer.callbacks.append(StopAfter(2))
     job.trainer.fit(job.module, datamodule=job.module.fit_datamodule())
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     resumed = run(compose_cfg(args + [f"ckpt_path={last}"], tmp_path, "resumed"))
-    a, b = _student(tmp_path / "straight" / "checkpoints" / "last.ckpt"), _student(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    a, b = (_student(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bit-identical"
     assert [h["val_acc1"] for h in straight["history"]] == [h["val_acc1"] for h in resumed["history"]]
     # cost: per-epoch fields add up to the totals, steps follow the schedule, images match the bank or the samples
@@ -318,3 +320,51 @@ def test_every_baseline_config_composes_with_its_official_regime():
         assert cfg.distill.loss.temperature == 20.0 and cfg.distill.loss.w_ce == 0.0
     cfg = compose_cfg(["experiment=cifar100/nayer/vgg11_res18", "distill=fast"], Path("/tmp/kdx-datafree-compose"))
     assert cfg.distill.adv == 1.0  # the Fast script's per-pair weight (conf/recipe/fast/cifar100/nayer/)
+
+
+# ---------------------------------------------------------------------------------------- the comparison and its report
+
+
+def _fake_run(method: str, seed: int, times: list[float], accs: list[float]):
+    from kdx.report import Run
+
+    hist = [{"epoch": e + 1, "val_acc1": a, "synthesis_s_total": t, "synthesis_steps_total": 10 * (e + 1),
+             "images_synthesised_total": 100 * (e + 1), "student_s_total": 1.0 * (e + 1)}
+            for e, (t, a) in enumerate(zip(times, accs))]
+    return Run(Path(f"/x/{method}{seed}"), {"method": method, "seed": seed, "dataset": "cifar100", "student": "resnet8",
+                                             "teacher": "resnet20", "task": "distill", "history": hist,
+                                             "test_acc1_best": max(accs), "test_acc1_last": accs[-1]})
+
+
+def test_cost_tables_read_equal_time_and_time_to_accuracy(tmp_path):
+    from kdx import report
+    from kdx.bench_datafree import acc_at_time, cost_section, time_to_acc
+
+    nayer = [_fake_run("nayer", s, [10, 20, 30], [20, 40, 50]) for s in (0, 1)]
+    deepinv = [_fake_run("deepinv", s, [100, 200, 300], [10, 30, 44 + s]) for s in (0, 1)]
+    assert acc_at_time(nayer[0], 25) == 40 and acc_at_time(deepinv[0], 50) is None
+    assert time_to_acc(nayer[0], 45) == 30 and time_to_acc(deepinv[0], 50) is None
+    text = cost_section(nayer + deepinv)
+    row = next(line for line in text.splitlines() if line.startswith("| deepinv"))
+    # horizons 30 s (shortest total = NAYER's): deepinv has no epoch within; lowest best 44.5 % → deepinv seed 0
+    # never reaches it ("not reached"); 90 % of NAYER's best (45 %): never reached either
+    assert row.split(" | ")[7:] == ["—", "—", "not reached", "not reached |"]
+    nayer_row = next(line for line in text.splitlines() if line.startswith("| nayer"))
+    assert "30.0 (1.0× NAYER)" in nayer_row and "50.00" in nayer_row
+    if importlib.util.find_spec("matplotlib") is not None:
+        rep = report.build(nayer + deepinv, [])
+        assert report.plot_synthesis_cost(rep, tmp_path / "cost.png") and (tmp_path / "cost.png").stat().st_size > 0
+        plain = [report.Run(Path("/y"), {**r.data, "history": [{"epoch": 1, "val_acc1": 3.0}]}) for r in nayer]
+        assert not report.plot_synthesis_cost(report.build(plain, []), tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("budget", ["cpu", "tiny"])
+def test_the_comparison_commands_compose(budget):
+    from kdx.bench_datafree import METHODS, commands
+    from kdx.config import validate
+
+    for method, argv in commands(budget, list(METHODS), "0,1", "b", []):
+        overrides = [a for a in argv[4:] if not a.startswith(("seed=", "resume=", "sweep_name="))] + ["seed=0"]
+        cfg = compose_cfg(overrides, Path("/tmp/kdx-datafree-compose"))
+        validate(cfg)
+        assert cfg.distill._target_.lower().endswith(method if method != "deepinv" else "deepinversion")

@@ -37,7 +37,7 @@ from torch import Tensor
 from kdx.datafree.augment import augment, normalize_float
 from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
 from kdx.datafree.common import (
-    BestBatch, BNStatHooks, Generator, build_seeded, dcgan_init, peek_seed, student_logits,
+    BestBatch, BNStatHooks, Generator, build_seeded, dcgan_init, n_params, peek_seed, student_logits,
 )
 from kdx.datafree.losses import adversarial_loss
 from kdx.distill.base import Strategy
@@ -178,7 +178,8 @@ class CMI(DataFreeStrategy):
                 raise ValueError(f"distill.{name}={value} must be >= 1")
         self.g_steps, self.n_rounds, self.synthesis_batch_size = int(g_steps), int(rounds), int(synthesis_batch_size)
         self.lr_g, self.g_betas, self.nz, self.ngf = float(lr_g), tuple(float(b) for b in g_betas), int(nz), int(ngf)
-        self.w_bn, self.w_oh, self.w_adv, self.w_cr, self.cr_T = float(bn), float(oh), float(adv), float(cr), float(cr_T)
+        self.w_bn, self.w_oh, self.w_adv = float(bn), float(oh), float(adv)
+        self.w_cr, self.cr_T = float(cr), float(cr_T)
         self.head_dim, self.n_neg, self.feature_layers = int(head_dim), int(n_neg), feature_layers
         self.feature_reuse, self.local_scale, self.aug_pad = bool(feature_reuse), tuple(local_scale), int(aug_pad)
         self.memory = FeatureMemory(memory_size, full_memory_fix)
@@ -227,7 +228,8 @@ class CMI(DataFreeStrategy):
         n = self.synthesis_batch_size
         z = torch.randn((n, self.nz), generator=env.rng).to(env.device).requires_grad_()
         targets = torch.randint(env.num_classes, (n,), generator=env.rng).sort()[0].to(env.device)
-        opt = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], self.lr_g, betas=self.g_betas)
+        groups = [{"params": self.generator.parameters()}, {"params": [z]}]
+        opt = torch.optim.Adam(groups, self.lr_g, betas=self.g_betas)
         self._batch = {"z": z, "targets": targets, "opt": opt, "best": BestBatch()}
 
     def _views(self, env: SynthesisEnv, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,7 +268,10 @@ class CMI(DataFreeStrategy):
         if self.means is not None:
             _, local_feat = self.means.run(env.teacher, env.prep(local_view))
             cached = self.memory.sample(self.n_neg, env.rng).to(x.device)
-            cached_local, cached_global = cached.chunk(2, dim=1) if cached.numel() else (local_feat[:0], global_feat[:0])
+            if cached.numel():
+                cached_local, cached_global = cached.chunk(2, dim=1)
+            else:  # nothing drawn: the memory is empty (or, officially, exactly full)
+                cached_local, cached_global = local_feat[:0], global_feat[:0]
             proj = self.head(torch.cat([local_feat, cached_local, global_feat, cached_global]))
             proj_local, proj_global = proj.chunk(2, dim=0)
             split = self.memory.n_updates > 0
@@ -306,8 +311,7 @@ class CMI(DataFreeStrategy):
             self.head_opt.load_state_dict(state["head_opt"])
 
     def describe(self) -> dict[str, Any]:
-        return {"generator_params": None if self.generator is None else sum(p.numel() for p in self.generator.parameters()),
-                "head_params": None if self.head is None else sum(p.numel() for p in self.head.parameters()),
+        return {"generator_params": n_params(self.generator), "head_params": n_params(self.head),
                 "feature_memory": self.memory.n_updates}
 
 

@@ -48,6 +48,11 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def n_params(module: Optional[nn.Module]) -> Optional[int]:
+    """Parameter count (None before the module is built): for ``describe``."""
+    return None if module is None else sum(p.numel() for p in module.parameters())
+
+
 def build_seeded(factory: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
     """``factory()`` built on the CPU with the global RNG seeded (device-independent weights), moved to ``device``."""
     with seeded(seed):
@@ -271,6 +276,6 @@ def denormalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tenso
 
 __all__ = [
     "BNStatHooks", "BestBatch", "Generator", "activation_loss", "build_seeded", "class_balance", "clip_normalised",
-    "conv_decoder", "dcgan_init", "denormalise", "draw_seed", "image_prior_tv", "jsdiv", "peek_seed", "seeded",
-    "student_logits",
+    "conv_decoder", "dcgan_init", "denormalise", "draw_seed", "image_prior_tv", "jsdiv", "n_params", "peek_seed",
+    "seeded", "student_logits",
 ]

@@ -28,7 +28,7 @@ from torch import Tensor
 from kdx.datafree.augment import normalize_float
 from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
 from kdx.datafree.common import (
-    BNStatHooks, Generator, activation_loss, build_seeded, class_balance, peek_seed, student_logits,
+    BNStatHooks, Generator, activation_loss, build_seeded, class_balance, n_params, peek_seed, student_logits,
 )
 from kdx.distill.base import Strategy
 from kdx.features import FeatureTaps, model_tap_sets
@@ -71,8 +71,8 @@ class DAFL(DataFreeStrategy):
             raise ValueError("distill.loss.w_ce must be 0 for DAFL: its samples carry no label.")
         self.g_steps, self.n_rounds, self.synthesis_batch_size = int(g_steps), int(rounds), int(synthesis_batch_size)
         self.lr_g, self.g_betas, self.nz, self.ngf = float(lr_g), tuple(float(b) for b in g_betas), int(nz), int(ngf)
-        self.w_oh, self.w_act, self.w_balance, self.w_bn, self.w_adv = float(oh), float(act), float(balance), float(bn), \
-            float(adv)
+        self.w_oh, self.w_act, self.w_balance = float(oh), float(act), float(balance)
+        self.w_bn, self.w_adv = float(bn), float(adv)
         self.adv_criterion, self.adversary = adv_criterion, adversary
         object.__setattr__(self, "generator", None)  # setup(); never registered
         self.opt: Optional[torch.optim.Optimizer] = None
@@ -155,7 +155,7 @@ class DAFL(DataFreeStrategy):
         self.opt.load_state_dict(state["opt"])
 
     def describe(self) -> dict[str, Any]:
-        return {"generator_params": None if self.generator is None else sum(p.numel() for p in self.generator.parameters())}
+        return {"generator_params": n_params(self.generator)}
 
 
 __all__ = ["DAFL"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kdx.datafree.augment import augment
 from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
-from kdx.datafree.common import BestBatch, BNStatHooks, Generator, build_seeded, peek_seed, student_logits
+from kdx.datafree.common import BestBatch, BNStatHooks, Generator, build_seeded, n_params, peek_seed, student_logits
 from kdx.datafree.losses import adversarial_loss
 from kdx.distill.base import Strategy
 
@@ -197,7 +197,7 @@ class Fast(DataFreeStrategy):
             self.hooks.load_state_dict(state["bn_mmt"])
 
     def describe(self) -> dict[str, Any]:
-        return {"generator_params": None if self.generator is None else sum(p.numel() for p in self.generator.parameters())}
+        return {"generator_params": n_params(self.generator)}
 
 
 __all__ = ["Fast", "add_meta_grads", "reset_l0", "set_reptile_grads"]

@@ -145,9 +145,9 @@ class DataFreeModule(KDModule):
             return n_syn, 0
         r = self.synthesiser.rounds(ep, self.warmup)
         if r < 1 or n_syn % r or n_st % r:
-            raise ConfigError(f"Epoch {ep + 1} runs in {r} rounds, which must split its {n_syn} synthesis steps and "
-                              f"its module.kd_steps={n_st} student steps evenly: set module.kd_steps (or distill.rounds) "
-                              "so that both divide.")
+            raise ConfigError(f"Epoch {ep + 1} runs in {r} rounds, which must split its {n_syn} synthesis steps "
+                              f"and its module.kd_steps={n_st} student steps evenly: set module.kd_steps (or "
+                              "distill.rounds) so that both divide.")
         return n_syn // r, n_st // r
 
     def unit_kind(self, ep: int, unit: int) -> tuple[bool, int]:
@@ -297,8 +297,9 @@ class DataFreeModule(KDModule):
         row: dict[str, float] = {}
         for key in COST_KEYS:
             total = self.cost[key]
-            row[key] = round(total - self._epoch_cost[key], 4) if key.endswith("_s") else int(total - self._epoch_cost[key])
-            row[f"{key}_total"] = round(total, 4) if key.endswith("_s") else int(total)
+            seconds = key.endswith("_s")
+            row[key] = round(total - self._epoch_cost[key], 4) if seconds else int(total - self._epoch_cost[key])
+            row[f"{key}_total"] = round(total, 4) if seconds else int(total)
         row["bank_images"] = len(self.bank) if self.bank is not None else 0
         return row
 
