@@ -3,6 +3,7 @@ official functions, one synthesis step each, and each method end to end through 
 and the cost fields of the data-free regime."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -14,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY, compose_cfg
+from kdx.datafree.augment import normalize_float
 from kdx.datafree.base import SynthesisEnv
 from kdx.datafree.cmi import CMI, FeatureMemory, MLPHead, contrastive_loss, random_resized_crop
-from kdx.datafree.common import BNStatHooks, Generator, class_balance, dcgan_init, image_prior_tv, jsdiv
+from kdx.datafree.common import BestBatch, BNStatHooks, Generator, class_balance, dcgan_init, image_prior_tv, jsdiv
 from kdx.datafree.dafl import DAFL
 from kdx.datafree.deepinv import DeepInversion, jitter_and_flip
 from kdx.datafree.fast import Fast, add_meta_grads, set_reptile_grads
@@ -101,6 +103,101 @@ def test_feature_memory_draws_as_the_official_one_and_the_full_memory_quirk():
     assert mem.data[:, 0].tolist() == [2, 2, 2, 2, 1, 1, 1, 1] and mem.ptr == 4  # a ring: the oldest replaced
     empty = contrastive_loss(torch.eye(2)[:1], torch.eye(2)[:1], 1, 0.2, split=True)
     assert math.isnan(float(empty))  # the official second mean over no negatives
+
+
+def test_two_deepinversion_steps_equal_the_official_synthesizer(one_thread):
+    """DeepInvSyntheiszer(iterations=2, lr_g 0.1, adv 1, bn 10, oh 1, tv 1e-3).synthesize(targets) with its
+    jitter_and_flip patched to the identity, resnet8 teacher and student built under seed 11 (eval mode), inputs
+    torch.randn after seed 12, mean (0.5, 0.4, 0.3), std (0.2, 0.25, 0.3): the returned (last, aliased) batch."""
+    torch.manual_seed(11)
+    teacher, student = create_model("resnet8", 10).eval(), create_model("resnet8", 10).eval()
+    teacher.requires_grad_(False)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    env = SynthesisEnv(teacher, student, 10, (3, 32, 32), mean, std, [str(i) for i in range(10)], "synthetic",
+                       torch.Generator().manual_seed(0), torch.device("cpu"))
+    sm = DeepInversion(_kd(), g_steps=2, synthesis_batch_size=6, tv=1e-3, jitter=0.0, flip=False)
+    sm.setup(env)
+    torch.manual_seed(12)
+    x = torch.randn(6, 3, 32, 32).requires_grad_()
+    targets = torch.tensor([0, 1, 1, 3, 7, 9])
+    batch = {"x": x, "targets": targets, "opt": torch.optim.Adam([x], 0.1, betas=(0.5, 0.99))}
+    sm._start_batch = lambda env: setattr(sm, "_batch", batch)  # the official inputs instead of a fresh draw
+    sm.synthesis_step(env, 0, 0, 0)
+    out = sm.synthesis_step(env, 0, 1, 0).images[0]
+    assert float(out.sum()) == pytest.approx(7423.35888671875, rel=1e-4)
+    assert out[0, 0, 0, :4].tolist() == pytest.approx([0.5146006, 0.5153575, 0.5291921, 0.4015034], abs=2e-4)
+    assert out[5, 2, 31, 28:].tolist() == pytest.approx([0.1915818, 0.2039170, 0.0978445, 0.3637482], abs=2e-4)
+
+
+def _official_env(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)) -> SynthesisEnv:
+    torch.manual_seed(11)
+    teacher, student = create_model("resnet8", 10).eval(), create_model("resnet8", 10).eval()
+    teacher.requires_grad_(False)
+    return SynthesisEnv(teacher, student, 10, (3, 32, 32), mean, std, [str(i) for i in range(10)], "synthetic",
+                        torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
+def test_two_fast_syntheses_equal_the_official_meta_synthesizer(one_thread, monkeypatch):
+    """FastMetaSynthesizer(nz 8, ngf 4, iterations 2, lr_g 5e-3, lr_z 0.015, adv 1.33, bn 10, oh 0.5, bn_mmt 0.9,
+    is_maml 1, warm-up 0), its Generator built after seed 13, its augmentation patched to the normalisation alone,
+    .cuda() to the identity; two synthesize(targets) calls, z drawn after seeds 20 and 21: each returned batch and
+    the meta generator after both."""
+    import kdx.datafree.fast as fast_mod
+
+    monkeypatch.setattr(fast_mod, "augment", lambda x, mean, std, *a: normalize_float(x, mean, std))
+    env, targets = _official_env(), torch.tensor([0, 1, 1, 3, 7, 9])
+    sm = Fast(_kd(), g_steps=2, synthesis_batch_size=6, nz=8, ngf=4, reset_l0=False)
+    sm.setup(env)
+    torch.manual_seed(13)
+    sm.generator.load_state_dict(Generator(nz=8, ngf=4).state_dict())
+    sums = []
+    for k in range(2):
+        def start(env, ep, unit, warmup, k=k):
+            torch.manual_seed(20 + k)
+            z = torch.randn(6, 8).requires_grad_()
+            fast = copy.deepcopy(sm.generator)
+            opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": 0.015}], lr=5e-3,
+                                   betas=(0.5, 0.999))
+            sm._batch = {"z": z, "targets": targets, "fast": fast, "opt": opt, "best": BestBatch()}
+
+        monkeypatch.setattr(sm, "_start_batch", start)
+        sm.synthesis_step(env, k, 0, 0)
+        sums.append(float(sm.synthesis_step(env, k, 1, 0).images[0].sum()))
+    assert sums == pytest.approx([9369.6728515625, 8931.818359375], rel=1e-6)
+    assert float(sum(p.sum() for p in sm.generator.parameters())) == pytest.approx(30.265939712524414, rel=1e-4)
+
+
+def test_two_cmi_syntheses_equal_the_official_synthesizer(one_thread, monkeypatch):
+    """CMISynthesizer(nz 8, ngf 4, bank_size 12, n_neg 8, head_dim 4, iterations 2, lr_g 1e-3, adv 0.5, bn 1, oh 1,
+    cr 0.8, cr_T 0.2), its Generator built after seed 14 (then its probe input, memory and head), reset_model
+    patched to a no-op and both views to the normalised image; two synthesize(targets) calls, z after seeds 30 and
+    31 (the second draws its negatives from the 6 stored rows): each returned batch, the head and generator after."""
+    env, targets = _official_env(), torch.tensor([0, 1, 1, 3, 7, 9])
+    sm = CMI(_kd(), g_steps=2, synthesis_batch_size=6, nz=8, ngf=4, head_dim=4, memory_size=12, n_neg=8,
+             feature_reuse=True)  # the official re-initialisation is patched out of the reference
+    sm.setup(env)
+    torch.manual_seed(14)
+    sm.generator.load_state_dict(Generator(nz=8, ngf=4).state_dict())
+    dim = sm.head.head[0].in_features
+    torch.randn(1, 3, 32, 32), torch.randn(12, 2 * dim)  # the official probe input and random memory rows
+    sm.head.load_state_dict(MLPHead(dim, 4).state_dict())
+    sm.head_opt = torch.optim.Adam(sm.head.parameters(), lr=1e-3)
+    monkeypatch.setattr(sm, "_views", lambda env, x: (normalize_float(x, env.mean, env.std),) * 2)
+    sums = []
+    for k in range(2):
+        def start(env, k=k):
+            torch.manual_seed(30 + k)
+            z = torch.randn(6, 8).requires_grad_()
+            opt = torch.optim.Adam([{"params": sm.generator.parameters()}, {"params": [z]}], 1e-3, betas=(0.5, 0.999))
+            sm._batch = {"z": z, "targets": targets, "opt": opt, "best": BestBatch()}
+
+        monkeypatch.setattr(sm, "_start_batch", start)
+        sm.synthesis_step(env, k, 0, 0)
+        sums.append(float(sm.synthesis_step(env, k, 1, 0).images[0].sum()))
+    assert sums == pytest.approx([9473.8916015625, 9353.1904296875], rel=1e-6)
+    assert float(sum(p.sum() for p in sm.head.parameters())) == pytest.approx(-13.012618064880371, rel=1e-4)
+    assert float(sum(p.sum() for p in sm.generator.parameters())) == pytest.approx(23.739566802978516, rel=1e-4)
+    assert sm.memory.n_updates == 12
 
 
 # ---------------------------------------------------------------------------------------- hand values and invariants
