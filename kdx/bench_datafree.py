@@ -8,7 +8,7 @@ re-running the command skips finished jobs and resumes cut ones), all on the exp
 (:mod:`kdx.report`: the accuracy table, the curves, ``synthesis_cost.png``) in ``multirun/<name>/``, with a cost
 section: per method the synthesis wall-clock, steps and images, the accuracy every method has reached at the same
 synthesis time (the shortest total synthesis time among the methods), and the synthesis time each needs to reach
-a common accuracy (the lowest best accuracy among the methods, and 90 % of NAYER's best), with the ratio to NAYER.
+a common accuracy (the lowest best accuracy of any run, which every run reaches, and 90 % of NAYER's best), with the ratio to NAYER.
 
 The CPU budget (``--budget cpu``): every official per-batch synthesis step count divided by 10 (NAYER 40 → 4 per
 loop, DeepInversion 1000 → 100, CMI 200 → 20; Fast keeps its official 2; DAFL keeps its official 5 student steps
@@ -104,7 +104,8 @@ def cost_section(runs: list[Run]) -> str:
     final = {m: statistics.mean(_rows(r)[-1]["synthesis_s_total"] for r in rs) for m, rs in by_method.items()}
     best = {m: statistics.mean(max(float(h["val_acc1"]) for h in _rows(r)) for r in rs) for m, rs in by_method.items()}
     horizons = [("the shortest total", min(final.values()))]
-    targets = [("lowest best", min(best.values()))]
+    floor = min(max(float(h["val_acc1"]) for h in _rows(r)) for rs in by_method.values() for r in rs)
+    targets = [("every run's best reaches it", floor)]
     if "nayer" in best:
         horizons.append(("NAYER's total", final["nayer"]))
         targets.append(("90% of NAYER's best", 0.9 * best["nayer"]))
