@@ -74,6 +74,9 @@ class RunContext(TeacherContext):
     store: TeacherStore
     rank: int
     run_job: RunJob
+    image_shape: tuple[int, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     def train_teacher(self, model: DictConfig, recipe: Optional[DictConfig]) -> tuple[Path, dict[str, Any]]:
         """Train ``model`` from labels with the teacher recipe (a kdx job in ``<run>/teacher``)."""
@@ -190,6 +193,7 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = instantiate_data(cfg.data)
+    _fill_data_shape(cfg, dm.image_shape)
     strategy, method = _strategy(cfg)
     regime, regime_cls = _regime(cfg, strategy)
     source: Optional[TeacherSource] = instantiate_unwrapped(cfg.teacher) if strategy.needs_teacher else None
@@ -202,7 +206,8 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
         check_config_taps(strategy, nodes, int(dm.num_classes))
     cache = instantiate_unwrapped(cfg.teacher_cache).checked(strategy, type(source), dm, regime_cls.regime)
     ctx = RunContext(cfg=cfg, dataset_key=dm.dataset_key, num_classes=int(dm.num_classes), output_dir=out,
-                     store=TeacherStore(cfg.paths.teachers), rank=rank(), run_job=run_job)
+                     store=TeacherStore(cfg.paths.teachers), rank=rank(), run_job=run_job,
+                     image_shape=tuple(dm.image_shape), mean=tuple(dm.mean), std=tuple(dm.std))
     teacher: Optional[Teacher] = source.load(ctx) if source is not None else None
     if cache is not None:
         teacher = CachedTeacher(teacher, cache, dm, ctx.dataset_key, precision=str(cfg.trainer.precision),
@@ -232,6 +237,14 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
                           f"bank) and is refused under {trainer.world_size} processes: run it on one device "
                           "(trainer.devices=1, trainer.num_nodes=1).")
     return Job(cfg, ctx, dm, module, trainer, logger, method, pair)
+
+
+def _fill_data_shape(cfg: DictConfig, shape: tuple[int, ...]) -> None:
+    """A model node with ``data_shape: null`` (timm's) gets the data's C×H×W: its input size and channels follow
+    the data. Written into the run's config, so sub-runs, sidecars and ``kdx.api`` rebuild the same network."""
+    for node in (cfg.model, cfg.teacher.get("model")):
+        if isinstance(node, DictConfig) and "data_shape" in node and node.data_shape is None:
+            node.data_shape = [int(s) for s in shape]
 
 
 def _heads(strategy: Strategy, student: Any, teacher: Optional[Teacher]) -> tuple[Any, Any]:

@@ -268,7 +268,8 @@ def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequ
     Returns ``(student_taps, teacher_taps)`` (:class:`TapSets`, None for a network the strategy does not tap).
     Called by :func:`kdx.build.build` at start-up for a strategy with ``needs_features`` (after seeding, before
     the optimiser exists): unknown tap names and missing sets stop the run here, naming ``model.taps`` /
-    ``teacher.model.taps``. ``build_feature_modules`` gets ``{set: [shape, ...]}`` of each network.
+    ``teacher.model.taps``. ``build_feature_modules`` gets ``{set: [shape, ...]}`` of each network (the teacher's
+    from its own view of the input, ``Teacher.adapt_input``).
     """
     who = type(strategy).__name__
     student_taps = teacher_taps = None
@@ -283,8 +284,9 @@ def attach_feature_taps(strategy, student: nn.Module, teacher, input_shape: Sequ
             )
         sets = _required(teacher_net, strategy.teacher_taps, who, "teacher.model.taps")
         teacher_taps = TapSets(teacher_net, sets, "teacher.model.taps")
+    teacher_shape = tuple(teacher.adapt_input(torch.zeros(1, *input_shape)).shape[1:]) if teacher_taps else ()
     strategy.build_feature_modules(
-        feature_shapes(teacher.network, teacher_taps, input_shape) if teacher_taps else {},
+        feature_shapes(teacher.network, teacher_taps, teacher_shape) if teacher_taps else {},
         feature_shapes(student, student_taps, input_shape) if student_taps else {},
     )
     return student_taps, teacher_taps
@@ -304,7 +306,8 @@ def check_config_taps(strategy: Any, nodes: Sequence[tuple[str, Any, Sequence[st
     for setting, node, sets in nodes:
         if not sets:
             continue
-        extra = {"pretrained": False} if "pretrained" in node else {}  # names only: no weights needed
+        # names only: no weights, and no input-shape check (timm's data_shape: null, the model's default size)
+        extra = {k: v for k, v in (("pretrained", False), ("pretrained_file", None), ("data_shape", None)) if k in node}
         model = built[setting] = instantiate(node, num_classes=num_classes, **extra)
         for name, taps in _required(model, sets, type(strategy).__name__, f"{setting}.taps").items():
             check_taps(model, [_canonical(t) for t in taps], f"{setting}.taps.{name}")

@@ -53,8 +53,9 @@ def create_model(name: str, num_classes: int, taps: Optional[Mapping[str, Sequen
     set (see `kdx.features`).
 
     Zoo models take no other options apart from `pretrained=False` (they have no pretrained
-    weights; teachers are loaded from checkpoints). For `timm/...`, `pretrained` and any other
-    keyword go to `timm.create_model`.
+    weights; teachers are loaded from checkpoints). For `timm/...`: `pretrained`, `pretrained_file`, `data_shape`
+    (the data's C×H×W, which the input size and channels follow), `input_size` and `input_interpolation` are
+    kdx's (see `kdx.models.timm_models`); any other keyword goes to `timm.create_model` (e.g. `img_size`, `depth`).
     """
     return _with_taps(_create(name, num_classes, **kw), taps)
 

@@ -6,6 +6,18 @@ be fetched (no network, HF_HUB_OFFLINE=1, nothing in the HF cache) a `ConfigErro
 says how to proceed. Without network it says so in seconds: the hub's host is probed first (a 3 s connect) and,
 when unreachable, the hub is switched to its offline mode (the local cache only) instead of retrying for ~45 s.
 
+Input size and channels follow the data: kdx passes the data's image shape (`data_shape`, filled by the composition
+root), and a model with a fixed input size (timm's `fixed_input_size`: ViTs, Swin ...) gets `img_size` = the data's
+H×W (a DeiT on 32×32 CIFAR has a 2×2 patch grid) unless `img_size` is given; `in_chans` = the data's channels unless
+given (timm adapts a pretrained stem). `input_size` (null | auto | int) makes the network run at another resolution:
+its input is resized to it first (a forward pre-hook; the data's normalisation is kept), e.g. a pretrained network
+fine-tuned at its own 224×224 on 32×32 data; `auto` is the model's pretrained input size. A shape the network cannot
+take stops at creation (one forward of zeros), naming the settings.
+
+`pretrained_file` loads pretrained weights from a local file (offline; timm's `pretrained_cfg_overlay` file, e.g. a
+torchvision `.pth` for `timm/resnet50.tv_in1k`): a classifier with another class count than `num_classes` is dropped
+and re-initialised, as timm does for hub weights.
+
 Default taps: Vision Transformers (a `patch_embed` and `blocks`) → `blocks.0` … `blocks.N-1`;
 other models → the module names listed in timm's `feature_info`.
 """
@@ -14,10 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from kdx.errors import ConfigError
+from kdx.models.input_view import InputView, resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +71,74 @@ def _go_offline() -> None:
         pass
 
 
-def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **rest) -> nn.Module:
+def create_timm_model(name: str, num_classes: int, pretrained: bool = False, pretrained_file: Optional[str] = None,
+                      data_shape: Optional[Sequence[int]] = None, input_size: Any = None,
+                      input_interpolation: str = "bilinear", **rest) -> nn.Module:
     import timm
 
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = resolve_size(input_size, None if cfg is None else cfg.to_dict(), "model.input_size")
+    if size is None and data_shape is not None:
+        size = (int(data_shape[-2]), int(data_shape[-1]))
+    if size is not None and cfg is not None and cfg.fixed_input_size:
+        rest.setdefault("img_size", size)  # a ViT's patch grid follows the images it is given
+    if data_shape is not None:
+        rest.setdefault("in_chans", int(data_shape[0]))
+    if pretrained_file:
+        rest["pretrained_cfg_overlay"] = {**(rest.get("pretrained_cfg_overlay") or {}),
+                                          **_file_overlay(pretrained_file, cfg)}
+        pretrained = True
+    model = _create(timm, name, num_classes, bool(pretrained), rest, hub=bool(pretrained) and not pretrained_file)
+    if input_size is not None:
+        mode = (cfg.interpolation if cfg is not None else "bilinear") if input_interpolation == "auto" \
+            else input_interpolation
+        view = InputView(None, None, size, interpolation=mode)
+        model.register_forward_pre_hook(lambda m, args: (view(args[0]), *args[1:]))
+    model.tap_sets = timm_tap_sets(model)
+    if data_shape is not None:
+        _check_takes(model, name, tuple(int(s) for s in data_shape), input_size, rest.get("img_size"))
+    return model
+
+
+def _file_overlay(path: str, cfg: Any) -> dict[str, Any]:
+    """timm's overlay that loads ``path``, with the class count of its classifier (timm keeps a classifier whose
+    count equals ``num_classes``, else re-initialises it)."""
+    from timm.models import load_state_dict
+
+    file = os.path.expanduser(str(path))
+    if not os.path.isfile(file):
+        raise ConfigError(f"model.pretrained_file={path}: no such file.")
+    overlay: dict[str, Any] = {"file": file}
+    heads = cfg.classifier if cfg is not None else None
+    head = heads if isinstance(heads, str) else (heads[0] if heads else None)
+    weight = load_state_dict(file).get(f"{head}.weight") if head else None
+    if weight is not None:
+        overlay["num_classes"] = int(weight.shape[0])
+    return overlay
+
+
+def _check_takes(model: nn.Module, name: str, shape: tuple[int, ...], input_size: Any, img_size: Any) -> None:
+    """One forward of zeros at the data's shape: a size the network cannot take stops here, naming the settings."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except Exception as e:  # noqa: BLE001 - timm's assertions and shape errors alike
+        raise ConfigError(
+            f"timm/{name} cannot take the data's {'×'.join(map(str, shape))} images (model.input_size={input_size}, "
+            f"img_size={img_size}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Its input size "
+            "follows the data unless model.img_size is set; set model.input_size=<a size it takes> (the input is "
+            "resized to it; teacher.model.input_size or teacher.input.size for a teacher), or choose another model."
+        ) from e
+    finally:
+        model.train(was)
+
+
+def _create(timm: Any, name: str, num_classes: int, pretrained: bool, rest: dict[str, Any], hub: bool) -> nn.Module:
+    """``timm.create_model``; weights from the hub (``hub``) fail fast offline, naming model.pretrained."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if pretrained and not offline and not hub_reachable():
+    if hub and not offline and not hub_reachable():
         offline = True
         log.warning("model.pretrained=true: the Hugging Face hub is unreachable; looking for the weights of '%s' "
                     "in the local cache only.", name)
@@ -68,7 +146,7 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **r
     try:
         model = timm.create_model(name, num_classes=num_classes, pretrained=bool(pretrained), **rest)
     except _download_errors() as e:
-        if not pretrained:
+        if not hub:
             raise
         raise ConfigError(
             f"model.pretrained=true: the pretrained weights of timm model '{name}' are "
@@ -78,7 +156,6 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, **r
             f"access (`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) into the cache "
             "this run uses (HF_HOME / HF_HUB_CACHE)."
         ) from e
-    model.tap_sets = timm_tap_sets(model)
     return model
 
 

@@ -193,7 +193,8 @@ class KDModule(pl.LightningModule):
             and self.teacher.measures_accuracy
             and dataloader_idx == self._test_loader_idx()
         ):
-            self.teacher_top1.update(self.teacher.for_evaluation()(x, y, idx).logits, y)
+            teacher = self.teacher.for_evaluation()
+            self.teacher_top1.update(teacher(teacher.adapt_input(x), y, idx).logits, y)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

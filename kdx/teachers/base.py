@@ -51,6 +51,11 @@ class Teacher(nn.Module):
         """The network whose modules feature taps and BN-statistics hooks attach to; None for a label table."""
         return None
 
+    def adapt_input(self, x: Tensor) -> Tensor:
+        """The teacher's own view of the student's batch ``x`` (its normalisation and input size, built on the
+        device: :class:`kdx.models.input_view.InputView`); whoever calls the teacher passes it this. Identity here."""
+        return x
+
     def forward(self, x: Tensor, y: Tensor, idx: Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
 
@@ -84,15 +89,19 @@ class Teacher(nn.Module):
 
 
 class TeacherContext:
-    """What a :class:`TeacherSource` may use while loading: the run's data identity, the teacher store, this
-    process's rank, and two ways to run another kdx job (the composition root, :class:`kdx.build.RunContext`,
-    implements them with the runner it was given; teachers never import the runner)."""
+    """What a :class:`TeacherSource` may use while loading: the run's data identity (key, classes, image shape and
+    normalisation), the teacher store, this process's rank, and two ways to run another kdx job (the composition
+    root, :class:`kdx.build.RunContext`, implements them with the runner it was given; teachers never import the
+    runner)."""
 
     dataset_key: str
     num_classes: int
     output_dir: Path
     store: TeacherStore
     rank: int
+    image_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def train_teacher(self, model: Any, recipe: Any) -> tuple[Path, dict[str, Any]]:  # pragma: no cover
         """Train the network ``model`` (a model config node) from labels with ``recipe`` (``teacher.train``);

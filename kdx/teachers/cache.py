@@ -244,6 +244,10 @@ class CachedTeacher(Teacher):
             return dm.transform_view_batch((x, y, i), view)[0]
         return dm.transform_batch((x, y, i), train=True, epoch=0)[0]
 
+    def _live(self, x: Tensor) -> Tensor:
+        """The live teacher's logits on its own view of ``x`` (as the training step calls it)."""
+        return self.live(self.live.adapt_input(x)).logits
+
     def key(self, dtype: torch.dtype, num_classes: int, device: torch.device) -> dict[str, Any]:
         """What the cached logits depend on (stored as ``key.json``; its hash names the folder)."""
         dm, ds = self.dm, self.dm.train_dataset
@@ -255,7 +259,8 @@ class CachedTeacher(Teacher):
         return {
             "format": FORMAT,
             "mode": self.settings.mode,
-            "teacher": {"arch": self.live.info.get("arch"), "sha256": self.live.info.get("sha256")},
+            "teacher": {"arch": self.live.info.get("arch"), "sha256": self.live.info.get("sha256"),
+                        **({"input": self.live.info["input"]} if "input" in self.live.info else {})},
             "data": {
                 "name": dm.name, "key": self.dataset_key, "class": type(dm).__name__, "split": "train",
                 "subset": dm.subset, "val_split": dm.val_split, "split_seed": dm.split_seed, "size": len(ds),
@@ -284,7 +289,7 @@ class CachedTeacher(Teacher):
         precision_ctx = trainer.precision_plugin.train_step_context
         n, views = len(self.dm.train_dataset), self.settings.views
         with precision_ctx():  # the live output dtype and class count, from the first two samples
-            probe = self.live(prep(self._inputs(torch.arange(min(2, n)), 0, device))).logits
+            probe = self._live(prep(self._inputs(torch.arange(min(2, n)), 0, device)))
         self._live_dtype = probe.dtype
         dtype = probe.dtype if self.settings.dtype == "auto" else DTYPES[self.settings.dtype]
         key = self.key(dtype, probe.shape[1], device)
@@ -343,7 +348,7 @@ class CachedTeacher(Teacher):
         last = time.time()
         for (v, chunk), batch in zip(todo, loader):
             with precision_ctx():
-                out = self.live(prep(self._inputs(chunk, v, device, batch))).logits
+                out = self._live(prep(self._inputs(chunk, v, device, batch)))
             out = out.to(dtype).cpu()
             r = (chunk * views + v).numpy()
             logits[r] = (out.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else out.numpy())

@@ -5,6 +5,14 @@
 - :class:`NetworkTeacherSource` (the ``teacher=net`` node): ``teacher.ckpt`` if given; else the teacher store
   (``paths.teachers/<dataset>/<arch>/``); else, with ``auto_train``, kdx trains the teacher first with the teacher
   recipe :class:`TeacherRecipe` (``teacher.train``) and stores it (only a run of its whole budget is stored).
+- ``teacher.from_pretrained``: the teacher is ``teacher.model``'s pretrained weights as they are (timm's hub or
+  ``teacher.model.pretrained_file``); no checkpoint, store or training. Its classifier must already have the data's
+  classes (an ImageNet teacher on ImageNet); else fine-tune it first (the teacher recipe, or ``task=train``).
+- ``teacher.input``: the teacher's own view of the student's batch (:mod:`kdx.models.input_view`: its
+  normalisation and input size, ``auto`` from the model's pretrained configuration), built on the device by
+  :meth:`NetworkTeacher.adapt_input`; the network is built for that size (a ViT's ``img_size``), and a size it
+  cannot take stops at load, naming ``teacher.input.size``. A teacher kdx would train first is refused a view:
+  it would be trained on the data as it is (give the network its resolution with ``teacher.model.input_size``).
 - Under DDP every rank takes part in training a missing teacher; only rank 0 holds the store's lock and writes
   (:func:`kdx.dist.rank` tells the ranks apart under torchrun, Lightning, submitit and SLURM).
 """
@@ -22,22 +30,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kdx.distill.base import ModelOutput
-from kdx.errors import CheckpointError
+from kdx.errors import CheckpointError, ConfigError
 from kdx.labels import model_name
 from kdx.io import load_into, load_state_dict_file, sha256_file
+from kdx.models.input_view import InputView, ViewSettings, resolve_size, resolve_view
 from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
 
 log = logging.getLogger(__name__)
 
 
 class NetworkTeacher(Teacher):
-    """A trained network, frozen; ``meta`` is its sidecar (architecture, dataset, classes, accuracy, sha256)."""
+    """A trained network, frozen; ``meta`` is its sidecar (architecture, dataset, classes, accuracy, sha256).
 
-    def __init__(self, net: nn.Module, ckpt: str | Path, meta: Optional[dict[str, Any]] = None,
-                 dataset_key: Optional[str] = None) -> None:
+    ``ckpt`` None: the network already holds its weights (``teacher.from_pretrained``; ``meta['source']`` names
+    them). ``view``: the teacher's own view of the batch (:meth:`adapt_input`), None for the batch as it is.
+    """
+
+    def __init__(self, net: nn.Module, ckpt: Optional[str | Path], meta: Optional[dict[str, Any]] = None,
+                 dataset_key: Optional[str] = None, view: Optional[InputView] = None) -> None:
         super().__init__()
         self.net = net
-        load_into(self.net, load_state_dict_file(ckpt, "teacher.ckpt"), ckpt, "teacher.ckpt")
+        self.view = view
+        if ckpt is not None:  # a classifier of another class count stops here, naming teacher.ckpt
+            load_into(self.net, load_state_dict_file(ckpt, "teacher.ckpt"), ckpt, "teacher.ckpt")
         self.net.requires_grad_(False)
         self.eval()
         meta = meta or {}
@@ -49,13 +64,15 @@ class NetworkTeacher(Teacher):
         self.known_acc1 = meta.get("test_acc1") if same_data else None
         self.info = {
             "arch": meta.get("arch"),
-            "ckpt": str(ckpt),
-            "sha256": meta.get("sha256") or sha256_file(ckpt),
+            "ckpt": str(ckpt) if ckpt is not None else meta.get("source"),
+            "sha256": meta.get("sha256") or (sha256_file(ckpt) if ckpt is not None else None),
             "dataset": meta.get("dataset"),
             "recorded_test_acc1": meta.get("test_acc1"),
             "epochs": meta.get("epochs"),
             "budget": meta.get("budget"),
         }
+        if view is not None:
+            self.info["input"] = view.describe()
         if not (meta.get("budget") or {}).get("complete", True):
             log.warning("teacher.ckpt=%s was trained with a cut-short budget (%s): its soft targets are those of a "
                         "barely trained network.", ckpt, meta["budget"].get("cut"))
@@ -65,9 +82,15 @@ class NetworkTeacher(Teacher):
         budget = i.get("budget") or {}
         cut = "" if budget.get("complete", True) else f", cut short: {budget.get('cut')}"
         acc = "unknown" if i["recorded_test_acc1"] is None else f"{float(i['recorded_test_acc1']):.2f} %"
+        view = i.get("input")
+        sees = ""
+        if view is not None:
+            size = "×".join(map(str, view["size"])) if view["size"] else "the data's size"
+            stats = f", mean {view['mean']}, std {view['std']}" if "mean" in view else ""
+            sees = f"; sees {size} ({view['interpolation']}{stats})"
         return (f"{i['arch'] or 'network'} from {i['ckpt']} (sha256 {str(i['sha256'])[:12]}, trained on "
                 f"{i['dataset'] or 'unknown data'} for {_epochs(i['epochs'])}{cut}, "
-                f"recorded test top-1 {acc})")
+                f"recorded test top-1 {acc}{sees})")
 
     def train(self, mode: bool = True) -> "NetworkTeacher":
         return super().train(False)  # frozen: BN uses running statistics, always
@@ -75,6 +98,9 @@ class NetworkTeacher(Teacher):
     @property
     def network(self) -> nn.Module:
         return self.net
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.view is None else self.view(x)
 
     @torch.no_grad()
     def forward(self, x, y=None, idx=None) -> ModelOutput:
@@ -101,25 +127,69 @@ class NetworkTeacherSource(TeacherSource):
     has_network = True
 
     def __init__(self, model: DictConfig, ckpt: Optional[str] = None, auto_train: bool = True,
-                 store_tag: Optional[str] = None, train: Optional[DictConfig] = None) -> None:
+                 store_tag: Optional[str] = None, train: Optional[DictConfig] = None,
+                 input: Optional[DictConfig] = None, from_pretrained: bool = False) -> None:
         self.model_config, self.ckpt, self.auto_train = model, ckpt, bool(auto_train)
         self.store_tag, self.recipe = store_tag, train
+        self.view_settings = ViewSettings.from_node(input, "teacher.input")
+        self.from_pretrained = bool(from_pretrained)
         self.arch = model_name(model)
+        if self.from_pretrained and self.ckpt:
+            raise ConfigError("teacher.from_pretrained=true takes the model's pretrained weights as the teacher, and "
+                              f"teacher.ckpt={self.ckpt} names other weights: set one of them.")
 
     def load(self, ctx: TeacherContext) -> NetworkTeacher:
-        net = instantiate(self.model_config, num_classes=ctx.num_classes)
+        net = self._network(ctx)
+        view = resolve_view(self.view_settings, net, ctx.mean, ctx.std, "teacher.input")
+        if view is not None:
+            _check_view(net, view, ctx.image_shape)
+        if self.from_pretrained:
+            return NetworkTeacher(net, None, self._pretrained_meta(net, ctx), ctx.dataset_key, view)
         if self.ckpt:
             path = Path(str(self.ckpt)).expanduser()
             meta = _sidecar_for(path)
             self._check_sidecar(path, meta, ctx)
-            return NetworkTeacher(net, path, {**meta, "arch": self.arch}, ctx.dataset_key)
+            return NetworkTeacher(net, path, {**meta, "arch": self.arch}, ctx.dataset_key, view)
+        return self._from_store(ctx, net, view)
+
+    def _network(self, ctx: TeacherContext) -> nn.Module:
+        """``teacher.model`` for this data, built for the teacher's input size; pretrained weights are fetched only
+        for ``from_pretrained`` (a checkpoint or the store replaces them otherwise)."""
+        node, extra = self.model_config, {}
+        size = self.view_settings.size
+        if "data_shape" in node:  # timm: the network's input size (a ViT's img_size) is the one it will see
+            hw = None if size == "auto" else resolve_size(size, None, "teacher.input.size")
+            extra["data_shape"] = None if size == "auto" else [ctx.image_shape[0], *hw] if hw else list(ctx.image_shape)
+        if not self.from_pretrained:
+            extra.update({k: v for k, v in (("pretrained", False), ("pretrained_file", None)) if k in node})
+        elif "pretrained" in node and not (node.get("pretrained") or node.get("pretrained_file")):
+            raise ConfigError("teacher.from_pretrained=true needs pretrained weights: teacher.model.pretrained=true "
+                              "(the hub) or teacher.model.pretrained_file=<a local weights file>.")
+        return instantiate(node, num_classes=ctx.num_classes, **extra)
+
+    def _pretrained_meta(self, net: nn.Module, ctx: TeacherContext) -> dict[str, Any]:
+        """The sidecar of pretrained weights; their classifier must have the data's class count."""
+        pcfg = getattr(net, "pretrained_cfg", None) or {}
+        classes = pcfg.get("num_classes", _num_outputs(net))
+        if classes is not None and int(classes) != ctx.num_classes:
+            raise ConfigError(
+                f"teacher.from_pretrained=true: the pretrained classifier of {self.arch} has {classes} classes but "
+                f"data={ctx.dataset_key} has {ctx.num_classes} (it would get a fresh, untrained classifier). Fine-tune "
+                "it on this data first: teacher.from_pretrained=false (kdx fine-tunes it with the teacher recipe, "
+                "teacher.train) or `task=train` (e.g. experiment=cifar100/pretrained_teacher/<model>).")
+        file = self.model_config.get("pretrained_file")
+        source = f"pretrained file {file}" if file else f"pretrained weights ({pcfg.get('hf_hub_id') or self.arch})"
+        return {"arch": self.arch, "source": source, "sha256": sha256_file(Path(file).expanduser()) if file else None,
+                "num_classes": classes}
+
+    def _from_store(self, ctx: TeacherContext, net: nn.Module, view: Optional[InputView]) -> NetworkTeacher:
         key = ctx.dataset_key + (f"-{self.store_tag}" if self.store_tag else "")
         store = ctx.store
         if ctx.rank > 0:
             # rank 0 holds the lock and writes the store; if it is training the teacher, this rank joins it
             found = store.lookup(key, self.arch)
-            weights, meta = found if found is not None else ctx.train_teacher(self.model_config, self.recipe)
-            return NetworkTeacher(net, weights, meta, ctx.dataset_key)
+            weights, meta = found if found is not None else self._train(ctx, view)
+            return NetworkTeacher(net, weights, meta, ctx.dataset_key, view)
         with store.lock(key, self.arch):
             found = store.lookup(key, self.arch)
             if found is None:
@@ -131,11 +201,20 @@ class NetworkTeacherSource(TeacherSource):
                     )
                 log.warning("No %s teacher for '%s' in the teacher store (%s): training it first with the teacher "
                             "recipe (teacher.train), then distilling.", self.arch, key, store.root)
-                weights, meta = ctx.train_teacher(self.model_config, self.recipe)
+                weights, meta = self._train(ctx, view)
                 found = (weights, meta) if store.register(key, self.arch, weights, meta) is None \
                     else store.lookup(key, self.arch)
             weights, meta = found
-        return NetworkTeacher(net, weights, meta, ctx.dataset_key)
+        return NetworkTeacher(net, weights, meta, ctx.dataset_key, view)
+
+    def _train(self, ctx: TeacherContext, view: Optional[InputView]) -> tuple[Path, dict[str, Any]]:
+        if view is not None:
+            raise ConfigError(
+                f"teacher.input sets the view of a teacher trained elsewhere, but kdx would train this {self.arch} "
+                "first (no teacher.ckpt, none in the store), on the data as it is. Set teacher.input back to null and "
+                "give the network its resolution with teacher.model.input_size (its training then runs at that "
+                "size), or pass teacher.ckpt=<weights trained with that view>.")
+        return ctx.train_teacher(self.model_config, self.recipe)
 
     def _check_sidecar(self, path: Path, meta: dict[str, Any], ctx: TeacherContext) -> None:
         if meta.get("arch") not in (None, self.arch):
@@ -162,6 +241,19 @@ def _sidecar_for(ckpt: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 return {}
     return {}
+
+
+def _check_view(net: nn.Module, view: InputView, image_shape: tuple[int, ...]) -> None:
+    """One forward of the teacher's view of a zero batch: a size the network cannot take stops at load."""
+    try:
+        with torch.no_grad():
+            net.eval()(view(torch.zeros(1, *image_shape)))
+    except Exception as e:  # noqa: BLE001 - any shape or assertion error of the network
+        raise ConfigError(
+            f"teacher.input.size: the teacher ({type(net).__name__}) cannot take its view of the data "
+            f"({view.describe()['size'] or list(image_shape[1:])}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Set teacher.input.size to a size it takes (auto: the "
+            "model's pretrained input size).") from e
 
 
 def _num_outputs(net: nn.Module) -> Optional[int]:
