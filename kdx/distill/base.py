@@ -35,13 +35,16 @@ class ModelOutput:
     - ``taps``: ``{set: [feature, ...]}``, the tap sets the strategy reads from this network
       (``Strategy.student_taps`` / ``teacher_taps``; see :mod:`kdx.features`);
     - ``views``: logits on each extra view of the batch (``Strategy.views``);
-    - ``head``: the network's classifier (``Strategy.needs_head``), e.g. for logits of pooled regions (SDD).
+    - ``head``: the network's classifier (``Strategy.needs_head``), e.g. for logits of pooled regions (SDD);
+    - ``extra``: the student's extra outputs the strategy declares (``Strategy.student_outputs``), e.g. DeiT's
+      distillation-token logits ``{"dist": ...}``.
     """
 
     logits: Tensor
     taps: dict[str, list[Tensor]] = field(default_factory=dict)
     views: dict[str, Tensor] = field(default_factory=dict)
     head: Optional[nn.Module] = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class Strategy(nn.Module):
     - ``views``: extra augmented views of every training sample the strategy needs, each seen by both networks
       (``("strong",)`` for MLKD); the datamodule must provide them.
     - ``needs_head``: whether the strategy needs each network's classifier (``ModelOutput.head``).
+    - ``student_outputs``: names of the extra outputs the student returns in training after its logits
+      (``(logits, *extra)``; DeiT's ``("dist",)``), given to the strategy as ``ModelOutput.extra``; the strategy
+      switches the student to return them (:meth:`attach_networks`). Empty: the student returns logits.
     - ``task_terms``: the names of the task (label) terms; every other term is distillation (``optim=dot`` steps
       on the two parts separately).
     - ``supports_ddp``: False for a strategy with state that DDP ranks would have to share (a memory bank);
@@ -101,6 +107,7 @@ class Strategy(nn.Module):
     teacher_taps: ClassVar[tuple[str, ...]] = ()
     views: ClassVar[tuple[str, ...]] = ()
     needs_head: ClassVar[bool] = False
+    student_outputs: ClassVar[tuple[str, ...]] = ()
     task_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
     supports_ddp: ClassVar[bool] = True
     teacher_bn_batch_stats: bool = False
