@@ -75,8 +75,12 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, pre
                       data_shape: Optional[Sequence[int]] = None, input_size: Any = None,
                       input_interpolation: str = "bilinear", **rest) -> nn.Module:
     import timm
+    from omegaconf import Container, OmegaConf
 
+    # timm takes plain lists and dicts (e.g. model.depths=[2,2,6,2] arrives as a ListConfig)
+    rest = {k: OmegaConf.to_container(v) if isinstance(v, Container) else v for k, v in rest.items()}
     cfg = timm.models.get_pretrained_cfg(name)
+    user_img_size = rest.get("img_size")
     size = resolve_size(input_size, None if cfg is None else cfg.to_dict(), "model.input_size")
     if size is None and data_shape is not None:
         size = (int(data_shape[-2]), int(data_shape[-1]))
@@ -96,7 +100,7 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool = False, pre
         model.register_forward_pre_hook(lambda m, args: (view(args[0]), *args[1:]))
     model.tap_sets = timm_tap_sets(model)
     if data_shape is not None:
-        _check_takes(model, name, tuple(int(s) for s in data_shape), input_size, rest.get("img_size"))
+        _check_takes(model, name, tuple(int(s) for s in data_shape), input_size, user_img_size)
     return model
 
 
@@ -125,11 +129,14 @@ def _check_takes(model: nn.Module, name: str, shape: tuple[int, ...], input_size
         with torch.no_grad():
             model(torch.zeros(1, *shape))
     except Exception as e:  # noqa: BLE001 - timm's assertions and shape errors alike
+        given = [f"model.{k}={v}" for k, v in (("img_size", img_size), ("input_size", input_size)) if v is not None]
+        error = (str(e).splitlines() or [""])[0].rstrip(".")
         raise ConfigError(
-            f"timm/{name} cannot take the data's {'×'.join(map(str, shape))} images (model.input_size={input_size}, "
-            f"img_size={img_size}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Its input size "
-            "follows the data unless model.img_size is set; set model.input_size=<a size it takes> (the input is "
-            "resized to it; teacher.model.input_size or teacher.input.size for a teacher), or choose another model."
+            f"timm/{name} cannot take the data's {'×'.join(map(str, shape))} images"
+            + (f" with {', '.join(given)}" if given else "") + f": {type(e).__name__}: {error}. "
+            + ("Remove model.img_size (a fixed input size then follows the data), or set" if img_size is not None
+               else "Set") + " model.input_size=<a size it takes> (the network resizes its input to it), or choose "
+            "another model; for a teacher the same settings are teacher.model.*, or teacher.input.size."
         ) from e
     finally:
         model.train(was)
