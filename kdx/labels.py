@@ -8,7 +8,8 @@ METHOD_OPTIMISERS = frozenset({"dot"})
 
 
 def method_label(choices: Any, overrides: Any = ()) -> str:
-    """``distill``, plus ``+<transform>`` for each transform chosen (``distill=kd distill/teacher_transform=topk_scale``
+    """``distill``, plus ``+<base>`` for a base loss other than CE (``distill=deit distill/base=kd`` → ``deit+kd``),
+    ``+<transform>`` for each transform chosen (``distill=kd distill/teacher_transform=topk_scale``
     → ``kd+topk_scale``, ``distill/logit_transform=ls`` → ``kd+ls``), plus ``@<teacher>`` for a teacher group other
     than the network teacher (``distill=dkd teacher=reffakd`` → ``dkd@reffakd``).
 
@@ -23,9 +24,9 @@ def method_label(choices: Any, overrides: Any = ()) -> str:
         key, sep, value = str(item).partition("=")
         if sep and key.lstrip("+~") == "distill._target_" and value:
             label = value.rsplit(".", 1)[-1]
-    for group in ("distill/teacher_transform", "distill/logit_transform"):
+    for group in ("distill/base", "distill/teacher_transform", "distill/logit_transform"):
         transform = get(group)
-        if transform not in (None, "null", "none"):
+        if transform not in (None, "null", "none", "ce"):  # distill/base=ce: DeiT's own default base
             label += f"+{transform}"
     if get("optim") in METHOD_OPTIMISERS:  # distill=kd optim=dot → kd+dot
         label += f"+{get('optim')}"

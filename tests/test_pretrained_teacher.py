@@ -224,3 +224,10 @@ def test_torchvision_weights_load_through_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), tv(x))
+
+
+def test_a_teacher_view_is_refused_in_the_data_free_regime(tmp_path, teacher_ckpt):
+    """Synthesised images go to the teacher network as they are: a teacher.input view would be silently skipped."""
+    over = TINY + ["distill=nayer", f"teacher.ckpt={teacher_ckpt}", "teacher.input.size=48"]
+    with pytest.raises(ConfigError, match=r"teacher.input.*data-free regime"):
+        build_job(compose_cfg(over, tmp_path))

@@ -159,6 +159,7 @@ def test_deit_runs_end_to_end(tmp_path, teacher_ckpt):
     results = run(compose_cfg(TINY + vit(name=DISTILLED) + over, tmp_path))
     assert results["status"] == "complete" and math.isfinite(results["history"][-1]["train_loss"])
     assert results["config"]["distill"]["base"]["_target_"] == "kdx.distill.kd.KD"
+    assert results["method"] == "deit+kd"  # the label names the base loss too (CE, the default, adds nothing)
 
 
 def test_deit_needs_a_student_with_a_distillation_token(tmp_path, teacher_ckpt):

@@ -101,6 +101,10 @@ class DataFreeModule(KDModule):
                               "is not one. Use module=distill.")
         if self.teacher is None or self.teacher.network is None:
             raise ConfigError("The data-free regime trains its synthesiser through a network teacher (teacher=net).")
+        if self.teacher.sees_own_view:  # synthesised images go to the teacher's network as they are
+            raise ConfigError("teacher.input gives the teacher its own view of real batches; the data-free regime "
+                              "synthesises images at the data's size and normalisation for the teacher directly. "
+                              "Remove teacher.input (set its entries to null).")
         for name, value in (("warmup", warmup), ("kd_steps", kd_steps)):
             if int(value) < 0:
                 raise ConfigError(f"module.{name}={value} must be >= 0")

@@ -51,6 +51,11 @@ class Teacher(nn.Module):
         """The network whose modules feature taps and BN-statistics hooks attach to; None for a label table."""
         return None
 
+    @property
+    def sees_own_view(self) -> bool:
+        """Whether :meth:`adapt_input` changes the batch (a pretrained teacher's own size/normalisation)."""
+        return False
+
     def adapt_input(self, x: Tensor) -> Tensor:
         """The teacher's own view of the student's batch ``x`` (its normalisation and input size, built on the
         device: :class:`kdx.models.input_view.InputView`); whoever calls the teacher passes it this. Identity here."""

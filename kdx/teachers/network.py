@@ -99,6 +99,10 @@ class NetworkTeacher(Teacher):
     def network(self) -> nn.Module:
         return self.net
 
+    @property
+    def sees_own_view(self) -> bool:
+        return self.view is not None
+
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.view is None else self.view(x)
 
