@@ -185,7 +185,7 @@ def test_cli_entry_point_writes_run_folder(tmp_path):
 
 def test_cli_missing_dataset_offline_names_data_root(tmp_path):
     proc = run_cli([
-        "data=cifar100", f"data.root={tmp_path / 'empty'}", "data.download=false", "distill=kd",
+        "data=cifar100", f"paths.data_dir={tmp_path / 'empty'}", "data.download=false", "distill=kd",
         f"hydra.run.dir={tmp_path / 'x'}", f"paths.teachers={tmp_path / 'teachers'}", "logger=none",
     ], timeout=300)
     assert proc.returncode != 0

@@ -10,6 +10,8 @@ Two layouts are understood, for the splits ``train`` and ``test``:
     ``cache_dir`` (default ``$KDX_ARRAY_CACHE``, else ``<$KDX_CACHE or ~/.cache/kdx>/arrays``), keyed
     by a hash of the file's absolute path, size and mtime, written atomically
     (temporary file + ``os.replace``) and memory-mapped on later loads.
+    The file's sha256 (what results.json records) is cached in the same folder
+    (:func:`file_sha256`), so a large file is hashed once, not on every run.
 
 (b) raw layout: ``{split}_x`` uint8 [N, H, W, C] or [N, H, W] (grayscale) and
     ``{split}_labels`` (or ``{split}_fine_labels``), optional ``class_names``
@@ -32,7 +34,8 @@ from PIL import Image
 
 from kdx.data.arrays import ArrayDataModule
 from kdx.data.datasets import SplitArrays
-from kdx.io import atomic_path, atomic_write_bytes
+from kdx.errors import ConfigError
+from kdx.io import atomic_path, atomic_write_bytes, sha256_file
 from kdx.paths import default_cache_dir as kdx_cache_dir
 
 SPLITS = ("train", "test")
@@ -104,6 +107,34 @@ def _cache_folder(path: Path, cache_dir: str | None) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return Path(os.path.expanduser(cache_dir or default_cache_dir())) / f"{path.stem}-{key}"
+
+
+def file_sha256(path: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """The sha256 of an array file, computed once and kept beside its decoded-array cache (keyed by the file's
+    absolute path, size and mtime, so a changed file is hashed again); an unwritable cache only costs time."""
+    p = Path(os.path.expanduser(str(path)))
+    record = _cache_folder(p, cache_dir) / "sha256"
+    try:
+        digest = record.read_text().strip()
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return digest
+    except OSError:
+        pass
+    digest = sha256_file(p)
+    try:
+        atomic_write_bytes(record, digest.encode())
+    except OSError:
+        pass
+    return digest
+
+
+def read_members(path: str | os.PathLike, keys: tuple[str, ...], setting: str) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of an ``.npz`` (only those are decompressed); a missing one is an error naming ``setting``."""
+    with np.load(Path(os.path.expanduser(str(path))), allow_pickle=False) as d:
+        missing = [k for k in keys if k not in d.files]
+        if missing:
+            raise ConfigError(f"{setting}: the array file {path} has no {missing} (it has {sorted(d.files)}).")
+        return {k: np.asarray(d[k]) for k in keys}
 
 
 def load_array_file(path: str, cache_dir: str | None = None, use_cache: bool = True) -> SplitArrays:
@@ -226,3 +257,8 @@ class ArrayFileDataModule(ArrayDataModule):
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"array file not found: data.path={self.path!r}")
         return load_array_file(self.path, self.cache_dir)
+
+    def describe(self) -> dict:
+        """The base summary plus the file read and its sha256 (cached: :func:`file_sha256`)."""
+        return {**super().describe(), "source_file": os.path.abspath(self.path),
+                "source_sha256": file_sha256(self.path, self.cache_dir)}
