@@ -335,7 +335,7 @@ def test_fashion_mnist_recipe_is_the_notebooks_lenet5(tmp_path):
     # conv 6→16 2,416, BN 32, fc 400→120 48,120, 120→84 10,164, 84→10 850
     assert sum(p.numel() for p in net.parameters()) == 156 + 12 + 2416 + 32 + 48120 + 10164 + 850
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
-    assert (cfg.data.channels, cfg.data.resize, cfg.data.pad, cfg.distill.soft_loss) == (1, True, 0, "kl_mean")
+    assert (cfg.data.channels, cfg.data.resize, cfg.data.pad, cfg.distill.soft_loss) == (1, True, 0, "kldiv_mean")
     x = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     grey = to_32(x, channels=1, resize=True)
     assert grey.shape == (3, 1, 32, 32)
@@ -345,8 +345,8 @@ def test_fashion_mnist_recipe_is_the_notebooks_lenet5(tmp_path):
     assert np.array_equal(padded[:, 2, 2:30, 2:30], x)
 
 
-def test_reffakd_kl_mean_is_the_notebooks_kldivloss():
-    """soft_loss=kl_mean, KLDivLoss's mean over B·C, is (softCE − T²·mean_b H(q_b)) / C: the CIFAR form's
+def test_reffakd_kldiv_mean_is_the_notebooks_kldivloss():
+    """soft_loss=kldiv_mean, KLDivLoss's mean over B·C, is (softCE − T²·mean_b H(q_b)) / C: the CIFAR form's
     gradient / C."""
     from kdx.distill.losses import reffakd_terms
 
@@ -354,7 +354,7 @@ def test_reffakd_kl_mean_is_the_notebooks_kldivloss():
     z = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
     q = torch.softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), dim=1)
     y, T_ = torch.tensor([0, 3, 6, 2]), 3.0
-    kl, hard = reffakd_terms(z, y, q, 1.0, T_, soft_loss="kl_mean")
+    kl, hard = reffakd_terms(z, y, q, 1.0, T_, soft_loss="kldiv_mean")
     ce, hard_ce = reffakd_terms(z, y, q, 1.0, T_)
     entropy = -(q * q.log()).sum(dim=1).mean()
     assert torch.allclose(kl * 7, ce - T_**2 * entropy) and torch.equal(hard, hard_ce)

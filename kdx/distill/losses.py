@@ -62,8 +62,7 @@ def dkd_loss(
     return alpha * tckd + beta * nckd
 
 
-#: the soft term's forms in ReffAKD's notebooks (``reffakd_terms``' ``soft_loss``)
-REFFAKD_SOFT_LOSSES = ("ce", "kl_mean")
+REFFAKD_SOFT_LOSSES = ("batchmean_ce", "kldiv_mean")
 
 
 def reffakd_terms(
@@ -73,27 +72,30 @@ def reffakd_terms(
     alpha: float,
     temperature: float,
     float64: bool = True,
-    soft_loss: str = "ce",
+    soft_loss: str = "batchmean_ce",
 ) -> tuple[Tensor, Tensor]:
     """ReffAKD's weighted (soft, hard) terms (docs/methods.md#reffakd, step C, official code).
 
-    ``soft = α·T²·(1/B)Σ_b −Σ_c q_bc·log softmax(z_s/T)_bc`` (the soft labels ``q`` are not
-    re-tempered) and ``hard = (1−α)·CE(z_s, y)``; computed in float64 when ``float64`` (as official).
-    ``soft_loss="kl_mean"``: ``soft = α·T²·KLDivLoss()(log softmax(z_s/T), q)``, PyTorch's default reduction, the
-    mean over all B·C entries of ``q·(log q − log p)``: the form of the Tiny-ImageNet and Fashion-MNIST notebooks
-    (``tinySLG_distillation.ipynb``), 1/C of the CIFAR-100 notebook's gradient.
+    ``hard = (1−α)·CE(z_s, y)``; the soft labels ``q`` are not re-tempered; ``p = softmax(z_s/T)``:
+
+    - ``soft_loss='batchmean_ce'`` (the CIFAR-100 notebook): ``soft = α·T²·(1/B)Σ_b −Σ_c q_bc·log p_bc``;
+    - ``soft_loss='kldiv_mean'`` (the Fashion-MNIST and Tiny-ImageNet notebooks, ``nn.KLDivLoss()`` with its
+      default ``reduction='mean'``): ``soft = α·T²·(1/(B·C))Σ_bc q_bc·(log q_bc − log p_bc)``, a mean over all B·C
+      elements, so its gradient is C times weaker than the batch mean's.
+
+    Computed in float64 when ``float64`` (as official).
     """
     if soft_loss not in REFFAKD_SOFT_LOSSES:
-        raise ValueError(f"distill.soft_loss={soft_loss!r}: choose one of {', '.join(REFFAKD_SOFT_LOSSES)}.")
+        raise ValueError(f"distill.soft_loss={soft_loss!r}: choose one of {list(REFFAKD_SOFT_LOSSES)}.")
     dtype = torch.float64 if float64 else torch.promote_types(logits_student.dtype, torch.float32)
     z = logits_student.to(dtype)
     q = soft_targets.to(dtype)
     log_p = F.log_softmax(z / temperature, dim=1)
-    if soft_loss == "kl_mean":
-        soft = F.kl_div(log_p, q, reduction="sum") / q.numel() * temperature**2  # KLDivLoss()'s "mean"
+    if soft_loss == "batchmean_ce":
+        soft = -(q * log_p).sum(dim=1).mean()
     else:
-        soft = -(q * log_p).sum(dim=1).mean() * temperature**2
-    return alpha * soft, (1.0 - alpha) * F.cross_entropy(z, target)
+        soft = (torch.special.xlogy(q, q) - q * log_p).mean()
+    return alpha * (soft * temperature**2), (1.0 - alpha) * F.cross_entropy(z, target)
 
 
 def reffakd_loss(
@@ -103,8 +105,9 @@ def reffakd_loss(
     alpha: float,
     temperature: float,
     float64: bool = True,
-    soft_loss: str = "ce",
+    soft_loss: str = "batchmean_ce",
 ) -> Tensor:
-    """ReffAKD: ``α·T²·softCE(z_s/T, q) + (1−α)·CE(z_s, y)`` with ``q = soft_targets`` (batch rows)."""
+    """ReffAKD: ``α·T²·soft(z_s/T, q) + (1−α)·CE(z_s, y)`` with ``q = soft_targets`` (batch rows);
+    ``soft_loss`` as in :func:`reffakd_terms`."""
     soft, hard = reffakd_terms(logits_student, target, soft_targets, alpha, temperature, float64, soft_loss)
     return soft + hard

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from kdx.distill.base import ModelOutput
 from kdx.errors import CheckpointError, ConfigError
 from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
+from kdx.teachers.reffakd_stats import table_stats
 from kdx.teachers.reffakd_table import HEATMAP, AESettings, artifact_complete, artifact_name, read_artifact
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ReffAKDTeacher(Teacher):
             "temperature": self.temperature,
             "ae_params": meta.get("ae_params"),
             "ae_best_test_mse": meta.get("best_test_mse"),
+            "ae_zero_output_test_mse": meta.get("zero_output_test_mse"),  # absent from tables built before it
+            "table_stats": table_stats(Q),
         }
         self.images = {"reffakd/similarity": str(Path(artifact) / HEATMAP)}
         self.resources = {

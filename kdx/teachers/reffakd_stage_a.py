@@ -6,12 +6,16 @@
    reconstruction and the *normalised* input (per-channel mean/std of this training split; the
    decoder ends in a sigmoid, a quirk of the official code kept as is). SGD lr 0.1, momentum 0.9,
    wd 5e-4, batch 128, 200 epochs, MultiStepLR [60, 120, 160] γ 0.2, RandomCrop(32, 4) + flip +
-   RandomRotation(15°); the weights with the best test MSE are kept. A plain PyTorch loop (the
-   model is tiny); augmentation is a function of ``(seed, epoch, index)`` like kdx's datamodules.
+   RandomRotation(15°) (``pad`` 0: the flip and rotation without a crop, as the Fashion-MNIST and
+   Tiny-ImageNet notebooks); the weights with the best test MSE are kept, and the test MSE of an
+   all-zero output is recorded beside it (how far the AE got from its initial plateau). A plain
+   PyTorch loop (the model is tiny); augmentation is a function of ``(seed, epoch, index)`` like
+   kdx's datamodules.
 2. Pick ``samples_per_class`` (40) samples of every class with ``random.Random(selection_seed)``
    (42), embed them with the encoder (768-d for 32×32) — augmented as the official code does
    (``embed_augmented``, default) with the augmentation draw of epoch ``epochs`` — and build
-   ``A = class_similarity(...)`` and ``Q = soft_labels(A)``. Only the selected samples are
+   ``A = class_similarity(...)`` and ``Q = soft_labels(A)`` (its flatness and label-smoothing
+   equivalent recorded: :func:`kdx.teachers.reffakd_stats.table_stats`). Only the selected samples are
    embedded: the official code embeds the whole training set and then picks, which gives the same
    embeddings for the picked samples here (our augmentation does not depend on the order).
 3. Save the artifact ``paths.teachers/<dataset>/reffakd-<hash of the settings>/`` (``ae.pt``,
@@ -46,6 +50,7 @@ from kdx.errors import ConfigError
 from kdx.io import atomic_path, atomic_torch_save, atomic_write_json, sha256_file
 from kdx.loggers import build_logger, close_logger
 from kdx.results import git_revision
+from kdx.teachers.reffakd_stats import table_stats
 from kdx.teachers.reffakd_table import (
     AE_WEIGHTS, HEATMAP, META, TABLE, AESettings, artifact_complete, artifact_name, class_similarity, settings_hash,
     soft_labels,
@@ -158,12 +163,14 @@ def _arrays(dm: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def test_mse(ae: ReffAE, x: Tensor, mean: Tensor, std: Tensor, batch: int, device: torch.device) -> float:
-    ae.eval()
+def test_mse(ae: Optional[ReffAE], x: Tensor, mean: Tensor, std: Tensor, batch: int, device: torch.device) -> float:
+    """MSE of the reconstruction against the normalised images; ``ae`` None: of an all-zero output."""
+    if ae is not None:
+        ae.eval()
     total, n = 0.0, 0
     for i in range(0, len(x), batch):
         xb = normalise(x[i:i + batch].to(device).float(), mean, std)
-        total += float(F.mse_loss(ae(xb), xb, reduction="sum"))
+        total += float(F.mse_loss(ae(xb) if ae is not None else torch.zeros_like(xb), xb, reduction="sum"))
         n += xb.numel()
     return total / max(n, 1)
 
@@ -212,6 +219,7 @@ def train_autoencoder(
         "ae_train_time_s": round(time.time() - t0, 3),
         "best_test_mse": best["mse"],
         "best_epoch": best["epoch"],
+        "zero_output_test_mse": test_mse(None, x_test, mean, std, int(s["eval_batch_size"]), device),
         "history": history,
         "mean": mean.tolist(),
         "std": std.tolist(),
@@ -349,6 +357,8 @@ def _build(cfg: DictConfig, dm: Any, settings: AESettings, s: dict[str, Any], ou
             "soft_label_build_time_s": round(build_time, 3),
             "best_test_mse": record["best_test_mse"],
             "best_epoch": record["best_epoch"],
+            "zero_output_test_mse": record["zero_output_test_mse"],
+            "table_stats": table_stats(Q),
             "normalisation": {"mean": record["mean"], "std": record["std"]},
             "num_selected": int(len(picked)),
             "device": str(device),
@@ -374,7 +384,7 @@ def _build(cfg: DictConfig, dm: Any, settings: AESettings, s: dict[str, Any], ou
         "artifact": str(entry),
         "heatmap": str(out / HEATMAP),
         **{k: meta[k] for k in ("settings", "settings_hash", "ae_params", "embedding_dim", "best_test_mse",
-                                "best_epoch", "num_selected", "device")},
+                                "best_epoch", "zero_output_test_mse", "table_stats", "num_selected", "device")},
         "resources": {k: meta[k] for k in ("ae_params", "ae_train_time_s", "embed_time_s", "soft_label_build_time_s")},
         "started": started,
         "git": meta["git"],
@@ -384,8 +394,12 @@ def _build(cfg: DictConfig, dm: Any, settings: AESettings, s: dict[str, Any], ou
     }
     atomic_write_json(out / "results.json", results)
     close_logger(logger, "success")
-    log.info("ReffAKD stage A done: AE %d params, best test MSE %.5f (epoch %s), %.1f s; table %s",
-             meta["ae_params"], meta["best_test_mse"], meta["best_epoch"], meta["ae_train_time_s"], entry)
+    st = meta["table_stats"]
+    log.info("ReffAKD stage A done: AE %d params, best test MSE %.5f (epoch %s; an all-zero output: %.5f), %.1f s; "
+             "table %s: row entropy %.3f of log C, Q[y, y] %.4f on average (label smoothing ε %.3f)",
+             meta["ae_params"], meta["best_test_mse"], meta["best_epoch"], meta["zero_output_test_mse"],
+             meta["ae_train_time_s"], entry, st["entropy_rel_mean"], st["true_class_prob_mean"],
+             st["label_smoothing_equivalent"])
     return results
 
 
