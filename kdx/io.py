@@ -1,6 +1,20 @@
-"""Safe file handling: atomic writes, hashing, and checkpoint loading with clear errors."""
+"""Safe file handling: atomic writes, hashing, and checkpoint loading with clear errors.
+
+Checkpoint layouts :func:`load_state_dict_file` reads (``weights_only=True``, so no code in a file runs):
+
+- a plain state dict; a ``.safetensors`` file;
+- Lightning's ``{"state_dict": ...}`` (kdx's own: the ``student.`` part);
+- mdistiller's and CRD's (RepDistiller's) released CIFAR-100 teachers, as they are:
+  ``<arch>_vanilla/ckpt_epoch_240.pth`` = ``{"epoch": 240, "model": state_dict, "accuracy": tensor, "optimizer": ...}``
+  (``*_best.pth``: ``best_acc``; ``*_last.pth`` also holds the run's ``argparse.Namespace`` ``opt``, allowed here).
+  Their parameter names are kdx's own for every zoo architecture both repositories define (resnet8…110, resnet8x4,
+  resnet32x4, ResNet18/50, wrn_16_1…wrn_40_2, vgg8…19, MobileNetV2, ShuffleV1/V2: same modules, same order, same
+  outputs; tests/test_released_teachers.py), so no key is renamed;
+- ``{"net": ...}`` / ``{"student": ...}``; a ``module.`` (DataParallel) or ``model.`` prefix is stripped.
+"""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -69,12 +83,7 @@ def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, tor
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Set {setting}=<path to a checkpoint>.")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _read(path)
     except Exception as e:  # truncated zip, foreign pickle, random bytes ...
         raise CheckpointError(
             f"Cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch/safetensors "
@@ -84,14 +93,31 @@ def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, tor
     return _extract_state_dict(obj, path, setting)
 
 
+def _read(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):  # RepDistiller's *_last.pth keep their options
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+STATE_DICT_KEYS = ("state_dict", "model", "net", "student")
+
+
 def _extract_state_dict(obj: Any, path: Path, setting: str) -> dict[str, torch.Tensor]:
+    top = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "net", "student"):
+        for key in STATE_DICT_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors. Point {setting} to a weights file.")
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors (found: {top}). Accepted layouts: a state dict, or a dict with "
+            f"one under {list(STATE_DICT_KEYS)} (Lightning; mdistiller/CRD teachers: {{'model': ...}}). "
+            f"Point {setting} to a weights file."
+        )
     sd = dict(obj)
     if any(k.startswith("student.") for k in sd):  # a kdx Lightning checkpoint: the student only
         sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
@@ -99,6 +125,24 @@ def _extract_state_dict(obj: Any, path: Path, setting: str) -> dict[str, torch.T
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint in mdistiller's/CRD's layout says about itself: ``{"epochs", "layout"}`` (the epoch it was
+    saved at); ``{}`` for other layouts or unreadable files (loading reports those)."""
+    try:
+        obj = _read(Path(path))
+    except Exception:
+        return {}
+    if not (isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("epoch"), int)):
+        return {}
+    return {"epochs": int(obj["epoch"]), "layout": "mdistiller/CRD {'epoch', 'model', ...}"}
+
+
+def _folder_arch(path: Path | str) -> str:
+    """The architecture a released teacher's folder names (``resnet32x4_vanilla/ckpt_epoch_240.pth``), or ''."""
+    folder = Path(path).parent.name
+    return folder[: -len("_vanilla")] if folder.endswith("_vanilla") else ""
 
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path | str, setting: str) -> None:
@@ -119,6 +163,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], pa
             lines.append(f"Missing keys ({len(missing)}): " + ", ".join(missing[:4]))
         if unexpected:
             lines.append(f"Unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:4]))
+        arch = _folder_arch(path)
+        if arch:
+            lines.append(f"Its folder names the architecture '{arch}' (mdistiller/CRD release): try teacher_arch={arch}.")
         lines.append(f"Check the architecture and dataset, or set {setting} to a matching checkpoint.")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)

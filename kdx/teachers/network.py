@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from kdx.distill.base import ModelOutput
 from kdx.errors import CheckpointError, ConfigError
 from kdx.labels import model_name
-from kdx.io import load_into, load_state_dict_file, sha256_file
+from kdx.io import checkpoint_meta, load_into, load_state_dict_file, sha256_file
 from kdx.models.input_view import InputView, ViewSettings, resolve_size, resolve_view
 from kdx.teachers.base import Teacher, TeacherContext, TeacherSource
 
@@ -244,7 +244,7 @@ def _sidecar_for(ckpt: Path) -> dict[str, Any]:
                 return json.loads(cand.read_text())
             except json.JSONDecodeError:
                 return {}
-    return {}
+    return checkpoint_meta(ckpt)  # no sidecar: what an mdistiller/CRD file records (its epochs)
 
 
 def _check_view(net: nn.Module, view: InputView, image_shape: tuple[int, ...]) -> None:
