@@ -67,7 +67,8 @@ def _official_file(folder, arch: str, kind: str = "epoch", seed: int = 0):
         ns = argparse.Namespace(model=arch, dataset="cifar100", learning_rate=0.05, lr_decay_epochs=[150, 180, 210])
         obj = {"opt": ns, "model": net.state_dict(), "optimizer": opt.state_dict()}
         path = d / f"{arch}_last.pth"
-    torch.save(obj, path)
+    # CRD's files date from 2019 (torch ≤ 1.5): the legacy, non-zip serialisation; the others the current one
+    torch.save(obj, path, **({"_use_new_zipfile_serialization": False} if kind == "epoch" else {}))
     return path, net.eval()
 
 
