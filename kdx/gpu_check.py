@@ -173,7 +173,8 @@ def cifar100_present(data_dir: Optional[str]) -> Optional[str]:
 
 def plan(large: int) -> list[tuple[str, int, str, bool]]:
     """Cases in priority order: fp32 and fast (on_device on, then off), then compile (on_device on, then off)."""
-    first = [(m, b, mode, od) for od in (True, False) for mode in ("fp32", "fast") for b in (64, large) for m in METHODS]
+    first = [(m, b, mode, od) for od in (True, False) for mode in ("fp32", "fast") for b in (64, large)
+             for m in METHODS]
     return first + [(m, b, "compile", od) for od in (True, False) for b in (64, large) for m in METHODS]
 
 
@@ -183,7 +184,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--large-batch", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--data-dir", default=None, help="the folder holding cifar100/cifar100.npz (default: paths.data_dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="the folder holding cifar100/cifar100.npz (default: paths.data_dir)")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--real-reserve-s", type=float, default=150.0,

@@ -165,7 +165,8 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], pa
             lines.append(f"Unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:4]))
         arch = _folder_arch(path)
         if arch:
-            lines.append(f"Its folder names the architecture '{arch}' (mdistiller/CRD release): try teacher_arch={arch}.")
+            lines.append(f"Its folder names the architecture '{arch}' (mdistiller/CRD release): "
+                         f"try teacher_arch={arch}.")
         lines.append(f"Check the architecture and dataset, or set {setting} to a matching checkpoint.")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)

@@ -74,7 +74,7 @@ def test_soft_losses_equal_the_authors_notebooks(T, alpha):
 
 
 def test_strategy_knob_and_its_error():
-    q_logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)) * 2.0  # a table teacher's T·log Q[y] at T = 2
+    q_logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)) * 2.0  # T·log Q[y] at T = 2
     z = torch.zeros(1, 3)
     batch = Batch(None, torch.tensor([0]), torch.arange(1))
     terms = ReffAKD(alpha=1.0, temperature=2.0, soft_loss="kldiv_mean")(ModelOutput(z), ModelOutput(q_logits), batch, 1)
@@ -87,7 +87,8 @@ def test_strategy_knob_and_its_error():
 
 
 def test_diagonal_bonus_hand_value():
-    """Class 0: two copies of e1 (cosine 1); class 1: e2 and −e2 (cosine −1); across: 0. A = diag(1, −1) + bonus·I."""
+    """Class 0: two copies of e1 (cosine 1); class 1: e2 and −e2 (cosine −1); across: 0.
+    A = diag(1, −1) + bonus·I."""
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
     y = torch.tensor([0, 1, 0, 1])
     for bonus in (0.008, 0.0225):
@@ -125,12 +126,18 @@ def test_zero_output_mse_is_the_mean_square_of_the_normalised_images():
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
     expected = float((normalise(x.float(), mean, std) ** 2).mean())
     assert ae_test_mse(None, x, mean, std, batch=3, device=torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
+    pixels = float(((x.float() / 255) ** 2).mean())  # teacher.ae.recon_target=pixels: the target is x/255
+    assert ae_test_mse(None, x, mean, std, 4, torch.device("cpu"), "pixels") == pytest.approx(pixels, rel=1e-6)
+    with pytest.raises(ConfigError, match="teacher.ae.recon_target='raw'"):
+        AESettings(recon_target="raw")
+    assert artifact_name(AESettings(recon_target="pixels")) != artifact_name(AESettings())
 
 
 def test_table_stats_and_smoothing_equivalents_hand_values():
     C = 10
     uniform = table_stats(torch.full((C, C), 1.0 / C, dtype=torch.float64))
-    assert uniform["entropy_rel_mean"] == pytest.approx(1.0) and uniform["label_smoothing_equivalent"] == pytest.approx(1.0)
+    assert uniform["entropy_rel_mean"] == pytest.approx(1.0)
+    assert uniform["label_smoothing_equivalent"] == pytest.approx(1.0)
     Q = torch.full((C, C), 0.1 / (C - 1), dtype=torch.float64)
     Q.fill_diagonal_(0.9)
     st = table_stats(Q)  # label smoothing ε puts 1 − ε + ε/C on the true class: 0.9 ⇒ ε = 0.1·C/(C−1)
@@ -141,7 +148,8 @@ def test_table_stats_and_smoothing_equivalents_hand_values():
 
 @pytest.mark.parametrize("soft_loss,w", [("batchmean_ce", 1.0), ("kldiv_mean", 1.0 / 6)])
 def test_loss_optimum_at_t1_is_the_mixture_of_table_and_label(soft_loss, w):
-    """At T = 1 the loss is (α·w + 1 − α)·CE(target, p) with target (α·w·Q[y] + (1 − α)·e_y)/(α·w + 1 − α)."""
+    """At T = 1 the loss is (α·w + 1 − α)·CE(target, p) with the target
+    (α·w·Q[y] + (1 − α)·e_y)/(α·w + 1 − α)."""
     torch.manual_seed(1)
     Q = torch.softmax(torch.randn(6, 6, dtype=torch.float64), 1)
     alpha = 0.7
@@ -170,4 +178,5 @@ def test_stage_a_records_the_plateau_and_the_table_flatness(tmp_path, capsys, on
     assert main([str(tmp_path / "run" / "results.json")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["loss"] == {"alpha": 0.4, "temperature": 5.0, "soft_loss": "kldiv_mean"}  # the run's own settings
-    assert 0.0 <= out["optimum"]["label_smoothing_equivalent"] <= 1.0 and out["table"] == pytest.approx(info["table_stats"])
+    assert 0.0 <= out["optimum"]["label_smoothing_equivalent"] <= 1.0
+    assert out["table"] == pytest.approx(info["table_stats"])

@@ -58,7 +58,8 @@ def _official_file(folder, arch: str, kind: str = "epoch", seed: int = 0):
     d = folder / f"{arch}_vanilla"
     d.mkdir(parents=True, exist_ok=True)
     if kind == "epoch":
-        obj = {"epoch": 240, "model": net.state_dict(), "accuracy": torch.tensor([79.42]), "optimizer": opt.state_dict()}
+        obj = {"epoch": 240, "model": net.state_dict(), "accuracy": torch.tensor([79.42]),
+               "optimizer": opt.state_dict()}
         path = d / "ckpt_epoch_240.pth"
     elif kind == "best":
         obj = {"epoch": 231, "model": net.state_dict(), "best_acc": torch.tensor([79.6]), "optimizer": opt.state_dict()}

@@ -215,7 +215,8 @@ class CIFAR100DataModule(_CIFARDataModule):
     def __init__(self, labels: str = "fine", name: str | None = None, **kwargs) -> None:
         """``labels``: ``fine`` (100 classes) or ``coarse`` (the 20 superclasses; the dataset key gets ``-coarse``)."""
         if labels not in LABELS:
-            raise ConfigError(f"data.labels={labels!r}: choose one of {list(LABELS)} (CIFAR-100's fine or coarse labels).")
+            raise ConfigError(f"data.labels={labels!r}: choose one of {list(LABELS)} "
+                              "(CIFAR-100's fine or coarse labels).")
         name = name or self.default_name
         if labels == "coarse" and not name.endswith("-coarse"):
             name += "-coarse"  # another task: its own teachers and tables in the store

@@ -80,8 +80,8 @@ def reffakd_terms(
 
     - ``soft_loss='batchmean_ce'`` (the CIFAR-100 notebook): ``soft = α·T²·(1/B)Σ_b −Σ_c q_bc·log p_bc``;
     - ``soft_loss='kldiv_mean'`` (the Fashion-MNIST and Tiny-ImageNet notebooks, ``nn.KLDivLoss()`` with its
-      default ``reduction='mean'``): ``soft = α·T²·(1/(B·C))Σ_bc q_bc·(log q_bc − log p_bc)``, a mean over all B·C
-      elements, so its gradient is C times weaker than the batch mean's.
+      default ``reduction='mean'``): ``soft = α·T²·(1/(B·C))Σ_bc q_bc·(log q_bc − log p_bc)``, a mean over all
+      B·C elements, so its gradient is C times weaker than the batch mean's.
 
     Computed in float64 when ``float64`` (as official).
     """

@@ -6,7 +6,8 @@
 - :func:`smoothing_at_optimum`: the student distribution that minimises ReffAKD's loss
   ``α·T²·w·CE(Q[y], softmax(z/T)) + (1−α)·CE(y, softmax(z))`` for each class ``y`` (``w`` = 1 for
   ``batchmean_ce``, 1/C for ``kldiv_mean``, whose KL differs from the cross-entropy by a constant), and its
-  label-smoothing equivalent. At ``T = 1`` the optimum is the mixture ``(α·w·Q[y] + (1−α)·e_y)/(α·w + 1−α)``.
+  label-smoothing equivalent. At ``T = 1`` the optimum is the mixture
+  ``(α·w·Q[y] + (1−α)·e_y)/(α·w + 1−α)``.
 - ``python -m kdx.teachers.reffakd_stats <artifact folder | results.json of a run>``: both, for a table and the
   loss settings of a run (or ``--alpha/--temperature/--soft-loss``).
 """
@@ -112,7 +113,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("path", help="a ReffAKD artifact folder, or the results.json of a run that used one")
     p.add_argument("--alpha", type=float, default=None, help="the loss's α (default: the run's, else 0.5)")
     p.add_argument("--temperature", type=float, default=None, help="the loss's T (default: the run's, else 5)")
-    p.add_argument("--soft-loss", default=None, help="batchmean_ce | kldiv_mean (default: the run's, else batchmean_ce)")
+    p.add_argument("--soft-loss", default=None,
+                   help="batchmean_ce | kldiv_mean (default: the run's, else batchmean_ce)")
     a = p.parse_args(argv)
     folder, run = _settings_of(Path(a.path))
     table, meta = read_artifact(folder)

@@ -44,11 +44,15 @@ class AESettings:
     selection_seed: int = 42
     diag_bonus: float = 0.0225
     embed_augmented: bool = True
+    recon_target: str = "normalised"
     seed: int = 0
     eval_batch_size: int = 1000
 
     def __post_init__(self) -> None:
         self.milestones = [int(m) for m in self.milestones]
+        if self.recon_target not in ("normalised", "pixels"):
+            raise ConfigError(f"teacher.ae.recon_target={self.recon_target!r}: normalised (the official code: MSE "
+                              "against the normalised input) or pixels (against x/255, which the sigmoid can reach).")
         for key in ("epochs", "batch_size", "samples_per_class", "eval_batch_size"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"teacher.ae.{key}={getattr(self, key)!r} must be >= 1.")
