@@ -2,7 +2,6 @@
 its table marks what bounds an epoch. (The measurement itself needs a GPU and is not a test.)"""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

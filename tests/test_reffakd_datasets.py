@@ -169,6 +169,7 @@ def test_stage_a_records_the_plateau_and_the_table_flatness(tmp_path, capsys, on
     ae = ["teacher.ae.epochs=1", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=2"]
     res = run(compose_cfg(TINY + ["distill=reffakd", "distill.soft_loss=kldiv_mean", "distill.alpha=0.4"] + ae,
                           tmp_path))
+    assert res["status"] == "complete"
     stage_a = json.loads((tmp_path / "run" / "reffakd_ae" / "results.json").read_text())
     assert stage_a["zero_output_test_mse"] > 0 and stage_a["best_test_mse"] > 0
     assert set(stage_a["table_stats"]) >= {"entropy_rel_mean", "true_class_prob_mean", "label_smoothing_equivalent"}

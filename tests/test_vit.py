@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def vit(prefix: str = "model", name: str = "vit_tiny_patch16_224", **kw) -> list[str]:
     """Overrides for a tiny timm ViT (patch 8 unless given: a 4×4 grid on 32×32 images)."""
     kw = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, **kw}
-    head = [f"teacher_arch=timm", f"teacher.model.name=timm/{name}"] if prefix == "teacher.model" else \
+    head = ["teacher_arch=timm", f"teacher.model.name=timm/{name}"] if prefix == "teacher.model" else \
         ["model=timm", f"model.name=timm/{name}"]
     return head + [f"+{prefix}.{k}={v}" for k, v in kw.items()]
 

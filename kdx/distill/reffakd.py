@@ -20,9 +20,6 @@ class ReffAKD(Strategy):
     def __init__(self, alpha: float = 0.5, temperature: float = 5.0, float64: bool = True,
                  soft_loss: str = "batchmean_ce", teacher_transform=None) -> None:
         super().__init__(teacher_transform)
-        if soft_loss not in REFFAKD_SOFT_LOSSES:
-            raise ValueError(f"distill.soft_loss={soft_loss!r}: choose one of {', '.join(REFFAKD_SOFT_LOSSES)}.")
-        self.soft_loss = soft_loss
         if temperature <= 0:
             raise ValueError(f"distill.temperature={temperature!r} must be > 0.")
         if not 0.0 <= alpha <= 1.0:
