@@ -4,22 +4,26 @@
 
 - **kdx**: the real Hydra config composed in-process (``data=synthetic``, the pair's models,
   ``distill=<method>``), built by :func:`kdx.build.build` (LightningModule, Trainer,
-  checkpoint and LR callbacks, CSV logger; progress bar off) and run with ``trainer.fit`` for
-  ``warmup + steps`` steps; the timed window is the last ``steps`` steps (data fetch, on-device
-  augmentation, forward, loss, backward, optimiser step, logging).
-- **bare**: a plain loop written here, on the *same* objects the kdx job built (student,
-  teacher network, strategy with its trainable parts and feature hooks) and the same step function
-  (:func:`kdx.regimes.step.distill_step`), one fixed uint8 batch on
-  the device given the same crop/flip + normalisation each step as kdx's path, the same precision (``torch.autocast`` for bf16) and memory format, and
-  ``torch.optim.SGD`` with the config's settings. No Lightning, no logging, no data loader.
+  checkpoint and LR callbacks, CSV logger; progress bar off) and run with ``trainer.fit``: data fetch,
+  on-device augmentation, forward, loss, backward, optimiser step, logging, callbacks.
+- **bare**: a plain loop written here, on the *same* objects the kdx job built (student, teacher network,
+  strategy with its trainable parts and feature hooks) and the same step function
+  (:func:`kdx.regimes.step.distill_step`), one fixed uint8 batch on the device given the same crop/flip +
+  normalisation (and extra views) each step as kdx's path, the same precision (``torch.autocast`` for bf16) and
+  memory format, and the config's optimiser (``optim=dot`` steps the distillation and task gradients apart, as
+  kdx does). No Lightning, no logging, no data loader.
 
-The bare loop runs before and after the kdx run; the ratio is kdx over the mean of the two.
-Each case prints a table row and one JSON line (``{"bench": ...}``). ``--data`` adds the data
-case: the kdx data path alone (loader + on-device augmentation + normalisation) on the real
-CIFAR-10 copy in ``../shared/data``.
+The two are **interleaved** inside one ``trainer.fit``: after ``warmup`` kdx steps (and ``warmup`` bare steps),
+``repeats`` rounds of (``steps`` bare steps, then ``steps`` kdx steps), the bare loop running from a callback
+between kdx's windows. Each round gives one kdx and one bare time per step; the case reports the median over the
+rounds and their min–max: the **overhead** (kdx − bare, ms per step) and the ratio kdx/bare (img/s). Each case
+prints a table row and one JSON line (``{"bench": ...}``). ``--data`` adds the data case: the kdx data path alone
+(loader + on-device augmentation + normalisation) on the real CIFAR-10 copy in ``../shared/data``.
 
-Precisions: ``fp32`` (``trainer.precision=32``) and ``fast`` (``perf=fast``: bf16 autocast +
-channels-last). The "fast vs fp32" column divides the kdx fast path by the fp32 bare loop of the
+Cases: ``--methods`` (every method with a ``conf/distill/*.yaml`` but the data-free ``nayer``, plus
+``kd+topk_scale``, ``kd+ls`` and ``kd+dot``), ``--pairs`` (a named pair or any ``teacher:student``, e.g.
+``resnet8:resnet8``), ``--precisions``: ``fp32`` (``trainer.precision=32-true``) and ``fast`` (``perf=fast``:
+bf16 autocast + channels-last). The "fast vs fp32" column divides the kdx fast path by the fp32 bare loop of the
 same case. Nothing here asserts a speed: the numbers go in a table.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import statistics
 import sys
@@ -36,7 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -47,11 +52,25 @@ PAIRS = {
     "res32x4_res8x4": ("resnet32x4", "resnet8x4"),
     "wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2"),
 }
-METHODS = ["none", "kd", "dkd", "topkd", "afd", "rtk", "reffakd"]
+#: a method name → its overrides (default: ``distill=<name>``); combinations are named as kdx names them
+COMBOS = {
+    "kd+topk_scale": ["distill=kd", "distill/teacher_transform=topk_scale"],
+    "kd+ls": ["distill=kd", "distill/logit_transform=ls"],
+    "kd+dot": ["distill=kd", "optim=dot"],
+}
+METHODS = ["none", "kd", "kd_crd", "dkd", "topkd", "kd+topk_scale", "kd+ls", "kd+dot", "dist", "nkd", "ttm", "wttm",
+           "sdd_kd", "sdd_dkd", "sdd_nkd", "ctkd", "ctkd_dkd", "mlkd", "mlkd_weak", "reffakd",
+           "afd", "rtk", "nst", "at", "sp", "pkt", "rkd", "kdsvd", "fitnet", "vid", "crd", "reviewkd", "ofd"]
+#: settings a method needs on the benchmark's small synthetic split (its step's cost is unchanged)
+BENCH_SETTINGS = {
+    "reffakd": ["teacher.ae.epochs=1", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=2"],
+    "crd": ["distill.replace_short_pools=true"],  # K=16384 negatives from a split of a few hundred images
+}
 PRECISIONS = {
     "fp32": ["trainer.precision=32-true"],
     "fast": ["perf=fast"],
 }
+clock: Callable[[], float] = time.perf_counter  # the benchmark's timer (a test replaces it with a fake one)
 log = logging.getLogger("kdx.bench")
 
 
@@ -130,62 +149,118 @@ def _random_teacher(arch: str, num_classes: int, workdir: Path) -> Path:
     return path
 
 
-class StepTimer:
-    """A Lightning callback: wall time of the last ``steps`` training steps (after ``warmup``)."""
+class Interleaved:
+    """A Lightning callback that times kdx's steps in ``repeats`` windows of ``steps`` steps (after ``warmup``),
+    running ``bare(n)`` (the bare loop, seconds for ``n`` steps) before each window when one is given.
 
-    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+    A window runs from the end of one ``on_train_batch_end`` to the end of the ``steps``-th next one, so it holds
+    everything kdx does per step (loader, transfer, hooks, step, logging, callbacks)."""
+
+    def __init__(self, warmup: int, steps: int, repeats: int, device: torch.device,
+                 bare: Optional[Callable[[int], float]] = None) -> None:
         import lightning.pytorch as pl
 
+        self.warmup, self.steps, self.repeats, self.device, self.bare = warmup, steps, repeats, device, bare
+        self.kdx_s: list[float] = []
+        self.bare_s: list[float] = []
+        self.peak_mb_kdx = self.peak_mb_bare = 0.0
+        self._t0 = 0.0
+        self._mem: Optional[PeakRSS] = None
         timer = self
 
         class _CB(pl.Callback):
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if batch_idx == warmup - 1:
-                    _sync(device)
-                    timer.t0 = time.perf_counter()
-                    timer.mem = PeakRSS(device).__enter__()
-                elif batch_idx == warmup + steps - 1:
-                    _sync(device)
-                    timer.seconds = time.perf_counter() - timer.t0
-                    timer.mem.__exit__(None)
+                timer.batch_end(batch_idx)
 
         self.callback = _CB()
-        self.t0 = 0.0
-        self.seconds: Optional[float] = None
-        self.mem: Optional[PeakRSS] = None
+
+    def batch_end(self, batch_idx: int) -> None:
+        done = batch_idx + 1 - self.warmup  # kdx steps since the warm-up
+        if done < 0 or done % self.steps:
+            return
+        _sync(self.device)
+        if done:
+            self.kdx_s.append(clock() - self._t0)
+            self._mem.__exit__(None)
+            self.peak_mb_kdx = max(self.peak_mb_kdx, self._mem.peak_mb)
+        if len(self.kdx_s) == self.repeats:
+            return
+        if self.bare is not None:
+            with torch.enable_grad(), PeakRSS(self.device) as mem:
+                if not done:
+                    self.bare(self.warmup)
+                self.bare_s.append(self.bare(self.steps))
+            self.peak_mb_bare = max(self.peak_mb_bare, mem.peak_mb)
+        self._mem = PeakRSS(self.device).__enter__()
+        _sync(self.device)
+        self._t0 = clock()
+
+
+def summarise(kdx_s: list[float], bare_s: list[float], steps: int, batch: int) -> dict[str, Any]:
+    """Per-step times, the overhead kdx − bare (ms per step) and the ratio kdx/bare (img/s) of each interleaved
+    round: their medians and min–max over the rounds."""
+    kdx_ms = [1000 * s / steps for s in kdx_s]
+    bare_ms = [1000 * s / steps for s in bare_s]
+    over = [k - b for k, b in zip(kdx_ms, bare_ms)]
+    ratio = [b / k for k, b in zip(kdx_ms, bare_ms)]
+    med = statistics.median
+    return {
+        "repeats": len(kdx_ms), "kdx_ms_step": round(med(kdx_ms), 3), "bare_ms_step": round(med(bare_ms), 3),
+        "kdx_img_s": round(1000 * batch / med(kdx_ms), 2), "bare_img_s": round(1000 * batch / med(bare_ms), 2),
+        "bare_img_s_runs": [round(1000 * batch / b, 2) for b in bare_ms],
+        "kdx_img_s_runs": [round(1000 * batch / k, 2) for k in kdx_ms],
+        "overhead_ms_step": round(med(over), 3), "overhead_ms_step_min": round(min(over), 3),
+        "overhead_ms_step_max": round(max(over), 3),
+        "ratio_kdx_over_bare": round(med(ratio), 4), "ratio_min": round(min(ratio), 4),
+        "ratio_max": round(max(ratio), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------- the two paths
+def parse_pair(name: str) -> tuple[str, str]:
+    """``(teacher, student)`` of a named pair (:data:`PAIRS`) or of ``teacher:student`` (``model`` configs)."""
+    from kdx.cli import CONFIG_DIR
+
+    if name in PAIRS:
+        return PAIRS[name]
+    teacher, sep, student = name.partition(":")
+    known = {p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")}
+    if not sep or teacher not in known or student not in known:
+        raise ValueError(f"--pairs: {name!r} is neither a named pair {list(PAIRS)} nor teacher:student of the model "
+                         f"configs (conf/model/: {sorted(known)})")
+    return teacher, student
+
+
+def method_overrides(method: str) -> list[str]:
+    """The overrides that select ``method`` (:data:`COMBOS` for combinations) and its benchmark settings."""
+    return COMBOS.get(method, [f"distill={method}"]) + BENCH_SETTINGS.get(method, [])
+
+
 def build_job(method: str, pair: str, precision: str, batch: int, total_steps: int, workdir: Path,
               num_classes: int = 100, extra: tuple[str, ...] = ()):
     from kdx.build import build
     from kdx.run import run
 
-    teacher_arch, student_arch = PAIRS[pair]
+    teacher_arch, student_arch = parse_pair(pair)
     overrides = [
         "data=synthetic", f"data.num_classes={num_classes}", f"data.train_size={batch * total_steps}",
         "data.test_size=64", f"data.batch_size={batch}", "data.drop_last=true",
-        f"model={student_arch}", f"teacher_arch={teacher_arch}", f"distill={method}",
+        f"model={student_arch}", f"teacher_arch={teacher_arch}",
         "optim=sgd", "scheduler=constant", "trainer.max_epochs=1",
         "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
         "logger=csv", "progress_bar=none", "seed=0",
-    ] + PRECISIONS[precision]
-    if torch.cuda.is_available():
-        overrides.append("trainer.accelerator=gpu")
-    else:
-        overrides.append("trainer.accelerator=cpu")
-    if method == "reffakd":  # the soft-label table: a 1-epoch autoencoder on the same synthetic data
-        overrides += ["teacher.ae.epochs=1", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=2"]
-    elif method != "none":
+    ] + method_overrides(method) + PRECISIONS[precision]
+    overrides.append("trainer.accelerator=" + ("gpu" if torch.cuda.is_available() else "cpu"))
+    if method not in ("none", "reffakd"):  # ReffAKD's soft-label table: a 1-epoch autoencoder on the same data
         overrides.append(f"teacher.ckpt={_random_teacher(teacher_arch, num_classes, workdir)}")
     cfg = compose(overrides + list(extra), workdir)
     return cfg, build(cfg, run_job=run)
 
 
-def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
-    """Images/s and peak memory of ``steps`` plain-PyTorch steps on the job's own objects."""
+def bare_loop(job) -> Callable[[int], float]:
+    """``timed(n)``: the seconds of ``n`` plain-PyTorch steps on the job's own objects (sets them up once)."""
     from kdx.distill.base import Batch
-    from kdx.regimes.step import distill_step
+    from kdx.regimes import step as step_fn
 
     module, cfg = job.module, job.cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,89 +273,95 @@ def bare_loop(job, warmup: int, steps: int) -> tuple[float, float]:
     dm = job.datamodule
     dm.setup("fit")
     raw = tuple(t.to(device) for t in next(iter(dm.train_dataloader())))  # one uint8 batch, kept on the device
-    params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
-    o = cfg.optim
-    opt = torch.optim.SGD(params, lr=float(o.lr), momentum=float(o.get("momentum", 0.0)),
-                          weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
+    opt = module.optimizer_factory(module.trainable_parameters())  # the config's optimiser (SGD, DOT, ...)
+    split = not module.automatic_optimization  # optim=dot: distillation, then task gradients (kdx's order)
+    task_names = strategy.task_terms
     precision = str(cfg.trainer.precision)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
            else contextlib.nullcontext())
 
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
     def step() -> None:
-        # the same per-step data work as kdx's path: crop/flip + normalise on the device (no loader)
+        # the same per-step data work as kdx's path: crop/flip + normalise (+ extra views) on the device, no loader
         x, y, idx = dm.transform_batch(raw, train=True, epoch=0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        views = {k: prep(v) for k, v in dm.extra_views(raw, 0).items()} if dm.extra_view_names else {}
         with amp:
-            loss, _ = distill_step(module.step_parts, Batch(x, y, idx), 1)
+            loss, terms = step_fn.distill_step(module.step_parts, Batch(prep(x), y, idx, views), 1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not split:
+            loss.backward()
+            opt.step()
+            return
+        task = [v.float() for k, v in terms.items() if k in task_names]
+        distil = [v.float() for k, v in terms.items() if k not in task_names]
+        if distil:
+            torch.stack(distil).sum().backward(retain_graph=bool(task))
+            opt.step_kd()
+            opt.zero_grad(set_to_none=True)
+        if task:
+            torch.stack(task).sum().backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    with PeakRSS(device) as mem:
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    def timed(n: int) -> float:
+        _sync(device)
+        t0 = clock()
+        for _ in range(n):
             step()
         _sync(device)
-        seconds = time.perf_counter() - t0
-    return steps * raw[0].shape[0] / seconds, mem.peak_mb
+        return clock() - t0
+
+    return timed
 
 
-def kdx_path(job, warmup: int, steps: int) -> tuple[float, float]:
-    """Images/s and peak memory of the timed steps of ``trainer.fit`` on the kdx job."""
+def interleaved(job, warmup: int, steps: int, repeats: int, with_bare: bool = True) -> Interleaved:
+    """Fit the kdx job with the bare loop interleaved between its timed windows; the timer holds the times."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timer = StepTimer(warmup, steps, device)
+    bare = bare_loop(job) if with_bare else None
+    timer = Interleaved(warmup, steps, repeats, device, bare)
     job.trainer.callbacks.append(timer.callback)
     job.trainer.fit(job.module, datamodule=job.datamodule)
-    if timer.seconds is None:
-        raise RuntimeError(f"the kdx run stopped before {warmup + steps} steps (train_size too small?)")
-    batch = int(job.cfg.data.batch_size)
-    return steps * batch / timer.seconds, timer.mem.peak_mb
+    if len(timer.kdx_s) < repeats:
+        raise RuntimeError(f"the kdx run stopped before {warmup + repeats * steps} steps (train_size too small?)")
+    return timer
 
 
-def run_case(method: str, pair: str, precision: str, batch: int, warmup: int, steps: int,
+def run_case(method: str, pair: str, precision: str, batch: int, warmup: int, steps: int, repeats: int,
              workdir: Path) -> dict[str, Any]:
-    total = warmup + steps
-    t_build = time.perf_counter()
-    cfg, job = build_job(method, pair, precision, batch, total, workdir)
-    t_build = time.perf_counter() - t_build
-    bare1, mem_bare = bare_loop(job, warmup, steps)
-    kdx_ips, mem_kdx = kdx_path(job, warmup, steps)
-    bare2, mem_bare2 = bare_loop(job, warmup, steps)
-    bare = statistics.mean([bare1, bare2])
+    t_build = clock()
+    _, job = build_job(method, pair, precision, batch, warmup + repeats * steps, workdir)
+    t_build = clock() - t_build
+    timer = interleaved(job, warmup, steps, repeats)
     return {
         "case": f"{method}/{pair}/{precision}", "method": method, "pair": pair, "precision": precision,
-        "batch": batch, "steps": steps, "device": _device_name(),
-        "kdx_img_s": round(kdx_ips, 2), "bare_img_s": round(bare, 2),
-        "bare_img_s_runs": [round(bare1, 2), round(bare2, 2)],
-        "ratio_kdx_over_bare": round(kdx_ips / bare, 4),
-        "peak_mem_mb_kdx": round(mem_kdx, 1), "peak_mem_mb_bare": round(max(mem_bare, mem_bare2), 1),
+        "batch": batch, "steps": steps, "warmup": warmup, "device": _device_name(),
+        **summarise(timer.kdx_s, timer.bare_s, steps, batch),
+        "peak_mem_mb_kdx": round(timer.peak_mb_kdx, 1), "peak_mem_mb_bare": round(timer.peak_mb_bare, 1),
         "build_s": round(t_build, 2),
     }
 
 
-def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, workdir: Path,
+def cache_case(pair: str, precision: str, batch: int, warmup: int, steps: int, repeats: int, workdir: Path,
                views: int = 4) -> dict[str, Any]:
     """KD steps with the live teacher vs with the teacher-logit cache (``teacher_cache=augmented``, warm).
 
     The cache is filled by a pre-pass when ``fit`` starts, before the first step, so the timed steps read a
     warm cache; the fill (``views`` teacher passes over the split) is reported on its own.
     """
-    total = warmup + steps
+    total = warmup + repeats * steps
     rows = {}
     for mode in ("off", "augmented"):
         extra = (f"teacher_cache={mode}", f"paths.cache_dir={workdir / 'cache'}") + \
             ((f"teacher_cache.views={views}",) if mode == "augmented" else ())
         _, job = build_job("kd", pair, precision, batch, total, workdir / mode, extra=extra)
-        ips, mem = kdx_path(job, warmup, steps)
+        timer = interleaved(job, warmup, steps, repeats, with_bare=False)
+        ips, mem = batch * steps / statistics.median(timer.kdx_s), timer.peak_mb_kdx
         fill_s = job.module.teacher.resources.get("teacher_cache_fill_s")
         rows[mode] = (ips, mem, fill_s)
     (live, mem_live, _), (cached, mem_cached, fill_s) = rows["off"], rows["augmented"]
     return {"case": f"cache/kd/{pair}/{precision}", "method": "cache", "pair": pair, "precision": precision,
-            "batch": batch, "steps": steps, "device": _device_name(), "kdx_img_s": round(cached, 2),
+            "batch": batch, "steps": steps, "repeats": repeats, "device": _device_name(), "kdx_img_s": round(cached, 2),
             "live_teacher_img_s": round(live, 2), "ratio_cached_over_live": round(cached / live, 4),
             "cache_views": views, "cache_fill_s": fill_s, "cache_fill_images": views * batch * total,
             "peak_mem_mb_kdx": round(mem_cached, 1), "peak_mem_mb_live": round(mem_live, 1)}
@@ -300,17 +381,22 @@ def data_case(batch: int, steps: int, workdir: Path) -> dict[str, Any]:
             x, y, idx = dm.transform_batch(tuple(t.to(device) for t in b), train=True, epoch=0)
             if i == 1:  # the first batch pays the worker start-up
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
             elif i > 1:
                 n += x.shape[0]
             if i == steps + 1:
                 break
         _sync(device)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
     return {"case": "data/cifar10", "method": "data", "pair": "-", "precision": "uint8→fp32",
             "batch": batch, "steps": steps, "device": _device_name(), "kdx_img_s": round(n / seconds, 1),
             "num_workers": int(cfg.data.num_workers), "peak_mem_mb_kdx": round(mem.peak_mb, 1),
             "source": dm.describe().get("source")}
+
+
+def _folder(*parts: str) -> str:
+    """A case's work folder name (no ``:`` or ``+``: its paths go into Hydra overrides)."""
+    return re.sub(r"[^\w.-]", "_", "-".join(parts))
 
 
 def _device_name() -> str:
@@ -322,34 +408,42 @@ def _device_name() -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     fp32_bare = {(r["method"], r["pair"]): r["bare_img_s"] for r in rows
                  if r.get("precision") == "fp32" and "bare_img_s" in r}
-    head = ["case", "kdx img/s", "bare img/s", "kdx/bare", "fast kdx / fp32 bare", "peak MB kdx/bare"]
+    head = ["case", "kdx img/s", "bare img/s", "overhead ms/step (min–max)", "kdx/bare (min–max)",
+            "fast kdx / fp32 bare", "peak MB kdx/bare"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["method"] == "cache":
             lines.append(f"| {r['case']} (teacher_cache=augmented, {r['cache_views']} views, warm) | "
-                         f"{r['kdx_img_s']:.1f} | live teacher {r['live_teacher_img_s']:.1f} | "
+                         f"{r['kdx_img_s']:.1f} | live teacher {r['live_teacher_img_s']:.1f} | – | "
                          f"{r['ratio_cached_over_live']:.2f}× (cached/live) | fill {r['cache_fill_s']} s | "
                          f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_live']:.0f} |")
             continue
         if r["method"] == "data":
-            lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} | – | – | – "
+            lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} | – | – | – | – "
                          f"| {r['peak_mem_mb_kdx']} |")
             continue
         base = fp32_bare.get((r["method"], r["pair"]))
         speedup = f"{r['kdx_img_s'] / base:.2f}×" if r["precision"] == "fast" and base else "–"
-        lines.append(f"| {r['case']} | {r['kdx_img_s']:.1f} | {r['bare_img_s']:.1f} | "
-                     f"{r['ratio_kdx_over_bare']:.3f} | {speedup} | {r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_bare']:.0f} |")
+        lines.append(f"| {r['case']} | {r['kdx_img_s']:.1f} | {r['bare_img_s']:.1f} | {r['overhead_ms_step']:+.2f} "
+                     f"({r['overhead_ms_step_min']:+.2f}…{r['overhead_ms_step_max']:+.2f}) | {r['ratio_kdx_over_bare']:.3f} "
+                     f"({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | {speedup} | "
+                     f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_bare']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kdx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
-    p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma list of {list(PAIRS)}")
+    p.add_argument("--pairs", default=",".join(PAIRS),
+                   help=f"comma list of named pairs {list(PAIRS)} or teacher:student (e.g. resnet8:resnet8)")
     p.add_argument("--precisions", default="fp32,fast", help="comma list of fp32,fast")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each path first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window (default 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved bare/kdx windows per case; medians and min–max over them (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own; 1 steadies tiny pairs on a shared machine)")
     p.add_argument("--data", action="store_true", help="add the data-loading case on the real CIFAR-10 copy")
     p.add_argument("--data-only", action="store_true", help="only the data-loading case")
     p.add_argument("--cache", action="store_true",
@@ -378,10 +472,22 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    bad = [m for m in a.methods.split(",") if m not in METHODS] + [q for q in a.pairs.split(",") if q not in PAIRS] \
-        + [q for q in a.precisions.split(",") if q not in PRECISIONS]
+    bad = [m for m in a.methods.split(",") if m not in METHODS] + [q for q in a.precisions.split(",")
+                                                                   if q not in PRECISIONS]
     if bad:
-        p.error(f"unknown case name(s) {bad}: methods {METHODS}, pairs {list(PAIRS)}, precisions {list(PRECISIONS)}")
+        p.error(f"unknown case name(s) {bad}: methods {METHODS}, precisions {list(PRECISIONS)}")
+    for q in a.pairs.split(","):
+        try:
+            parse_pair(q)
+        except ValueError as e:
+            p.error(str(e))
+    for name in ("batch", "steps", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if a.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if a.threads is not None:
+        torch.set_num_threads(max(1, a.threads))
     rows: list[dict[str, Any]] = []
     out = open(a.out, "w") if a.out else None
 
@@ -397,11 +503,11 @@ def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         cases = [] if only else [(m, q, pr) for q in a.pairs.split(",") for m in a.methods.split(",")
                                         for pr in a.precisions.split(",")]
         for m, q, pr in cases:
-            emit(run_case(m, q, pr, a.batch, a.warmup, a.steps, Path(tmp) / f"{m}-{q}-{pr}"))
+            emit(run_case(m, q, pr, a.batch, a.warmup, a.steps, a.repeats, Path(tmp) / _folder(m, q, pr)))
         if a.cache or a.cache_only:
             for q in a.pairs.split(","):
                 for pr in a.precisions.split(","):
-                    emit(cache_case(q, pr, a.batch, a.warmup, a.steps, Path(tmp) / f"cache-{q}-{pr}"))
+                    emit(cache_case(q, pr, a.batch, a.warmup, a.steps, a.repeats, Path(tmp) / _folder("cache", q, pr)))
         if a.data or a.data_only:
             emit(data_case(a.batch, max(a.steps, 20), Path(tmp) / "data"))
     if out:
