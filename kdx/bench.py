@@ -70,7 +70,8 @@ PRECISIONS = {
     "fp32": ["trainer.precision=32-true"],
     "fast": ["perf=fast"],
 }
-clock: Callable[[], float] = time.perf_counter  # the benchmark's timer (a test replaces it with a fake one)
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock: Callable[[], float] = time.perf_counter  # the benchmark's timer (--clock; a test replaces it with a fake one)
 log = logging.getLogger("kdx.bench")
 
 
@@ -419,14 +420,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_live']:.0f} |")
             continue
         if r["method"] == "data":
-            lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} | – | – | – | – "
-                         f"| {r['peak_mem_mb_kdx']} |")
+            lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} "
+                         f"| – | – | – | – | {r['peak_mem_mb_kdx']} |")
             continue
         base = fp32_bare.get((r["method"], r["pair"]))
         speedup = f"{r['kdx_img_s'] / base:.2f}×" if r["precision"] == "fast" and base else "–"
         lines.append(f"| {r['case']} | {r['kdx_img_s']:.1f} | {r['bare_img_s']:.1f} | {r['overhead_ms_step']:+.2f} "
-                     f"({r['overhead_ms_step_min']:+.2f}…{r['overhead_ms_step_max']:+.2f}) | {r['ratio_kdx_over_bare']:.3f} "
-                     f"({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | {speedup} | "
+                     f"({r['overhead_ms_step_min']:+.2f}…{r['overhead_ms_step_max']:+.2f}) | "
+                     f"{r['ratio_kdx_over_bare']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | {speedup} | "
                      f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_bare']:.0f} |")
     return "\n".join(lines)
 
@@ -444,6 +445,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="interleaved bare/kdx windows per case; medians and min–max over them (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own; 1 steadies tiny pairs on a shared machine)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: elapsed time (default); thread: the main thread's CPU time (needs --threads 1), which "
+                        "other processes' load on a shared machine barely moves")
     p.add_argument("--data", action="store_true", help="add the data-loading case on the real CIFAR-10 copy")
     p.add_argument("--data-only", action="store_true", help="only the data-loading case")
     p.add_argument("--cache", action="store_true",
@@ -451,8 +455,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-only", action="store_true", help="only the cache case")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
     a = p.parse_args(argv)
-    with _quiet_logs():
-        return _main(a, p)
+    global clock
+    saved = clock
+    try:
+        with _quiet_logs():
+            return _main(a, p)
+    finally:
+        clock = saved
 
 
 @contextlib.contextmanager
@@ -486,8 +495,12 @@ def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error(f"--{name} must be >= 1")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
+    if a.clock == "thread" and a.threads != 1:
+        p.error("--clock thread counts the main thread only: use it with --threads 1")
     if a.threads is not None:
         torch.set_num_threads(max(1, a.threads))
+    global clock
+    clock = CLOCKS[a.clock]
     rows: list[dict[str, Any]] = []
     out = open(a.out, "w") if a.out else None
 

@@ -194,6 +194,7 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
 
     dm = instantiate_data(cfg.data)
     _fill_data_shape(cfg, dm.image_shape)
+    perf = instantiate_unwrapped(cfg.perf)  # a bad perf.* value stops here, before any teacher training
     strategy, method = _strategy(cfg)
     regime, regime_cls = _regime(cfg, strategy)
     source: Optional[TeacherSource] = instantiate_unwrapped(cfg.teacher) if strategy.needs_teacher else None
@@ -224,7 +225,7 @@ def build(cfg: DictConfig, run_job: RunJob) -> Job:
     parts = Parts(
         step=StepParts(student, strategy, teacher, student_taps, teacher_taps, *_heads(strategy, student, teacher)),
         optimizer=optimizer, scheduler=scheduler, datamodule=dm, num_classes=ctx.num_classes,
-        perf=instantiate(cfg.perf), output_dir=out, seed=int(cfg.seed),
+        perf=perf, output_dir=out, seed=int(cfg.seed),
         split_losses=isinstance(optimizer, functools.partial) and issubclass(optimizer.func, SplitLossOptimizer),
     )
     module = regime(parts)

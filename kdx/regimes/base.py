@@ -2,17 +2,23 @@
 
 :class:`KDModule` owns what every regime has: evaluation (validation and test top-1/top-5, the teacher's own
 accuracy once), the per-epoch history, the best epoch, checkpoint state, the optimiser and schedule (over the
-student's parameters and the strategy's trainable parts), the non-finite loss check, and the teacher's device and
-hooks. The teacher is held outside the module's submodules, so it is never in ``parameters()``, the optimiser, a
-checkpoint or the DDP wrapper, and ``train()`` on the module cannot switch it out of eval mode.
+student's parameters and the strategy's trainable parts), the training losses' logging and non-finite check, and
+the teacher's device and hooks. The teacher is held outside the module's submodules, so it is never in
+``parameters()``, the optimiser, a checkpoint or the DDP wrapper, and ``train()`` on the module cannot switch it out
+of eval mode.
 
 A regime is built by the composition root as ``instantiate(cfg.module)(parts)``: :class:`Parts` bundles the run's
 objects; the regime's own settings are its config node's keys. What the orchestration reads from a regime is
 declared here with its default: ``regime``, :meth:`fit_datamodule`, :meth:`trainer_kwargs`, :meth:`results_extra`.
+
+No host synchronisation inside a training step: the loss and its terms are summed on the device
+(:class:`kdx.regimes.window.TermWindow`) and read back only every ``trainer.log_every_n_steps`` steps (logged as
+their per-step mean) and every ``perf.check_finite_every`` steps (the non-finite check), and at each epoch's end.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
@@ -23,19 +29,31 @@ import torch.nn as nn
 from lightning.pytorch import LightningDataModule
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdx.errors import NonFiniteLossError
+from kdx.errors import ConfigError, NonFiniteLossError
 from kdx.regimes.step import StepParts
+from kdx.regimes.window import TermWindow, stacked
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Perf:
-    """The ``perf`` node: memory format, compilation, and the non-finite loss check."""
+    """The ``perf`` node: memory format, compilation, and the non-finite loss check.
+
+    The check reads the losses back at each logging point (every ``trainer.log_every_n_steps`` steps), also every
+    ``check_finite_every`` steps when set, and at the end of every epoch, before its checkpoint: a run whose loss
+    turns non-finite stops at the next check, naming the steps since the previous one and the term(s)."""
 
     channels_last: bool = False
     compile: bool = False
     check_finite: bool = True
+    check_finite_every: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.check_finite_every is not None and (isinstance(self.check_finite_every, bool)
+                                                    or int(self.check_finite_every) < 1):
+            raise ConfigError(f"perf.check_finite_every={self.check_finite_every} must be a number of steps >= 1, or "
+                              "null (check at the logging points only: trainer.log_every_n_steps)")
 
 
 @dataclass
@@ -73,6 +91,9 @@ class KDModule(pl.LightningModule):
         self.num_classes = int(parts.num_classes)
         self.has_heldout_val = bool(parts.datamodule.has_heldout_val)
         self.channels_last, self.check_finite = bool(parts.perf.channels_last), bool(parts.perf.check_finite)
+        every = parts.perf.check_finite_every
+        self.check_finite_every: Optional[int] = int(every) if every is not None else None
+        self._unlogged, self._unchecked = TermWindow(), TermWindow()  # training losses not yet logged / checked
         # one metric set per evaluation loader: 0 = validation (held-out or test split), 1 = test split
         self.val_top1 = nn.ModuleList([_accuracy(self.num_classes, 1) for _ in range(2)])
         self.val_top5 = nn.ModuleList([_accuracy(self.num_classes, 5) for _ in range(2)])
@@ -126,6 +147,7 @@ class KDModule(pl.LightningModule):
             self.teacher.set_epoch(self.current_epoch)
 
     def on_validation_start(self) -> None:
+        self._check_window(self._unchecked)  # the epoch's last steps, before validation saves its checkpoint
         self._teacher_to_device()
 
     def on_test_start(self) -> None:
@@ -135,32 +157,91 @@ class KDModule(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ losses
+    def record_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        """A training step's bookkeeping in one call, without a host synchronisation: :meth:`stop_if_not_finite`,
+        :meth:`log_terms` and :meth:`track_train_loss` on one stacked copy of its losses."""
+        values, names, step, at_log = stacked(loss, terms), tuple(terms), self.global_step, self._logging_point()
+        if self.check_finite:
+            self._add_unchecked(values, names, step, at_log)
+        self._add_unlogged(values, names, step, at_log)
+        self._add_train_loss(values[0], batch_size)
+
+    def stop_if_not_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Sum the step's losses on the device; at a check (each logging point, every ``perf.check_finite_every``
+        steps when set, each epoch's end) stop the run if one was not finite since the previous check."""
+        if self.check_finite:
+            self._add_unchecked(stacked(loss, terms), tuple(terms), self.global_step, self._logging_point())
+
     def log_terms(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Log the total and each weighted term (``train/loss``, ``train/loss/<term>``)."""
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        for name, value in terms.items():
-            self.log(f"train/loss/{name}", value.detach(), batch_size=batch_size)
+        """Sum the total and each weighted term on the device; at a logging point, log their per-step means since the
+        previous one (``train/loss``, ``train/loss/<term>``; the steps after the last one: at the epoch's end)."""
+        self._add_unlogged(stacked(loss, terms), tuple(terms), self.global_step, self._logging_point())
 
     def track_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         """Accumulate the epoch's training loss (on the device) and count the images seen."""
-        self._train_loss_sum = self._train_loss_sum.to(loss.device) + loss.detach()
+        self._add_train_loss(loss.detach().float(), batch_size)
+
+    def _logging_point(self) -> bool:
+        """Whether Lightning writes this training step's logged values (every ``trainer.log_every_n_steps``); no
+        trainer (a step called directly): no."""
+        trainer = self._trainer
+        return trainer is not None and bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+    def _add_unchecked(self, values: torch.Tensor, names: tuple[str, ...], step: int, at_log: bool) -> None:
+        window = self._unchecked
+        window.add(values, names, step)
+        every = self.check_finite_every
+        if at_log or (every is not None and window.steps >= every) or self._trainer is None:
+            self._check_window(window)
+
+    def _add_unlogged(self, values: torch.Tensor, names: tuple[str, ...], step: int, at_log: bool) -> None:
+        self._unlogged.add(values, names, step)
+        if at_log:
+            self._log_window(on_step=True)
+
+    def _log_window(self, on_step: bool) -> None:
+        if not self._unlogged.steps:
+            return
+        self._check_window(self._unchecked)  # every step is checked before its value is written
+        total, terms = self._unlogged.read()
+        self._unlogged.reset()
+        kw = dict(on_step=on_step, on_epoch=not on_step, batch_size=1)  # host values: no sync when the bar reads them
+        self.log("train/loss", torch.tensor(total), prog_bar=True, **kw)
+        for name, value in terms.items():
+            self.log(f"train/loss/{name}", torch.tensor(value), **kw)
+
+    def _add_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        if self._train_loss_n == 0:
+            self._train_loss_sum = loss.clone()
+        else:
+            self._train_loss_sum.add_(loss)
         self._train_loss_n += 1
         self.images_seen += int(batch_size)
 
-    def stop_if_not_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        if not self.check_finite:
+    def _check_window(self, window: TermWindow) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss summed in ``window`` was not finite (all ranks together)."""
+        if not window.steps:
             return
-        bad = not bool(torch.isfinite(loss))
-        if self.trainer.world_size > 1:  # every rank stops together, never a hang in all-reduce
+        total, terms = window.read()
+        first, last = window.first_step, window.last_step
+        window.reset()
+        bad = not math.isfinite(total)
+        if self._trainer is not None and self._trainer.world_size > 1:  # every rank stops together, never a hang
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        bad_terms = [f"{k}={float(v):g}" for k, v in terms.items() if not bool(torch.isfinite(v))]
-        cb = self.trainer.checkpoint_callback
+        bad_terms = [f"{k}={v:g}" for k, v in terms.items() if not math.isfinite(v)]
+        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
         last_good = (cb.last_model_path or cb.best_model_path) if cb is not None else ""
+        if first == last:
+            steps = f"global step {last}"
+        else:  # the window's means: a non-finite step makes its whole window's mean non-finite
+            every = f"every {self.check_finite_every} steps, " if self.check_finite_every else ""
+            steps = (f"global steps {first}–{last} (checked {every}at each logging point and each epoch's end: "
+                     "perf.check_finite_every, trainer.log_every_n_steps; values are means over these steps)")
         raise NonFiniteLossError(
-            f"Non-finite loss at epoch {self.current_epoch + 1}, global step {self.global_step}: "
-            f"loss={float(loss):g}; term(s) {', '.join(bad_terms) or 'unknown (rank > 0)'}. "
+            f"Non-finite loss at epoch {self.current_epoch + 1}, {steps}: loss={total:g}; "
+            f"term(s) {', '.join(bad_terms) or 'unknown (rank > 0)'}. "
             + (f"Last good checkpoint: {last_good} (resume with ckpt_path={last_good}, e.g. with a lower "
                f"optim.lr)." if last_good else "No checkpoint was saved yet (the first epoch did not finish).")
         )
@@ -175,6 +256,8 @@ class KDModule(pl.LightningModule):
         self._train_loss_n = 0
 
     def on_train_epoch_end(self) -> None:
+        self._check_window(self._unchecked)  # before the epoch's checkpoint (without validation; with it: below)
+        self._log_window(on_step=False)  # the steps since the last logging point
         self._close_train_loss()  # (already closed when this epoch's validation ran first)
 
     # ------------------------------------------------------------------ evaluation

@@ -26,11 +26,9 @@ class DistillModule(KDModule):
         views = {k: self._prep(v) for k, v in extra[0].items()} if extra else {}
         batch = Batch(self._prep(x), y, idx, views)
         loss, terms = distill_step(self.step_parts, batch, self.current_epoch + 1)  # strategies see 1-based epochs
-        self.stop_if_not_finite(loss, terms)
+        self.record_step(loss, terms, x.shape[0])  # logged and checked for non-finite values every N steps
         if not self.automatic_optimization:
             self._split_step(terms)
-        self.log_terms(loss, terms, batch_size=x.shape[0])
-        self.track_train_loss(loss, x.shape[0])
         return loss
 
     def _split_step(self, terms: dict[str, torch.Tensor]) -> None:
