@@ -66,6 +66,7 @@ BENCH_SETTINGS = {
     "reffakd": ["teacher.ae.epochs=1", "teacher.ae.milestones=[1]", "teacher.ae.samples_per_class=2"],
     "crd": ["distill.replace_short_pools=true"],  # K=16384 negatives from a split of a few hundred images
 }
+MIN_TRAIN_SIZE = {"reffakd": 500}  # its autoencoder table picks 2 images of each of the 100 classes
 PRECISIONS = {
     "fp32": ["trainer.precision=32-true"],
     "fast": ["perf=fast"],
@@ -244,7 +245,9 @@ def build_job(method: str, pair: str, precision: str, batch: int, total_steps: i
 
     teacher_arch, student_arch = parse_pair(pair)
     overrides = [
-        "data=synthetic", f"data.num_classes={num_classes}", f"data.train_size={batch * total_steps}",
+        "data=synthetic", f"data.num_classes={num_classes}",
+        f"data.train_size={max(batch * total_steps, MIN_TRAIN_SIZE.get(method, 0))}",
+        f"trainer.limit_train_batches={total_steps}",
         "data.test_size=64", f"data.batch_size={batch}", "data.drop_last=true",
         f"model={student_arch}", f"teacher_arch={teacher_arch}",
         "optim=sgd", "scheduler=constant", "trainer.max_epochs=1",
