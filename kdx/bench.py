@@ -422,6 +422,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{r['ratio_cached_over_live']:.2f}× (cached/live) | fill {r['cache_fill_s']} s | "
                          f"{r['peak_mem_mb_kdx']:.0f}/{r['peak_mem_mb_live']:.0f} |")
             continue
+        if "failed" in r:
+            lines.append(f"| {r['case']} | not timed: {r['failed'].split(':')[0]} | – | – | – | – | – |")
+            continue
         if r["method"] == "data":
             lines.append(f"| {r['case']} (loader + augment, {r['num_workers']} workers) | {r['kdx_img_s']} "
                          f"| – | – | – | – | {r['peak_mem_mb_kdx']} |")
@@ -484,6 +487,8 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from kdx.errors import NonFiniteLossError
+
     bad = [m for m in a.methods.split(",") if m not in METHODS] + [q for q in a.precisions.split(",")
                                                                    if q not in PRECISIONS]
     if bad:
@@ -519,7 +524,10 @@ def _main(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         cases = [] if only else [(m, q, pr) for q in a.pairs.split(",") for m in a.methods.split(",")
                                         for pr in a.precisions.split(",")]
         for m, q, pr in cases:
-            emit(run_case(m, q, pr, a.batch, a.warmup, a.steps, a.repeats, Path(tmp) / _folder(m, q, pr)))
+            try:
+                emit(run_case(m, q, pr, a.batch, a.warmup, a.steps, a.repeats, Path(tmp) / _folder(m, q, pr)))
+            except NonFiniteLossError as e:  # e.g. a random teacher's features diverge: that case only, not timed
+                emit({"case": f"{m}/{q}/{pr}", "method": m, "pair": q, "precision": pr, "failed": str(e)})
         if a.cache or a.cache_only:
             for q in a.pairs.split(","):
                 for pr in a.precisions.split(","):

@@ -112,3 +112,9 @@ def test_overhead_figure_on_a_fake_timer(monkeypatch, capsys):
     assert r["kdx_img_s"] == 500.0 and r["bare_img_s_runs"] == [666.67] * 4
     assert "| kd/resnet8:resnet8/fp32 | 500.0 | 666.7 | +1.00 (+1.00…+1.00) | 0.750 (0.750–0.750) |" in out
     assert bench.clock is not clock  # the timer is the module's own again
+
+
+def test_a_case_whose_loss_turns_non_finite_is_reported_not_timed():
+    row = {"case": "vid/wrn40_2_wrn16_2/fp32", "method": "vid", "pair": "wrn40_2_wrn16_2", "precision": "fp32",
+           "failed": "Non-finite loss at epoch 1, global step 2: loss=nan; term(s) vid=nan."}
+    assert "| vid/wrn40_2_wrn16_2/fp32 | not timed: Non-finite loss at epoch 1, global step 2 |" in bench.table([row])
