@@ -24,7 +24,8 @@ Cases: ``--methods`` (every method with a ``conf/distill/*.yaml`` but the data-f
 ``kd+topk_scale``, ``kd+ls`` and ``kd+dot``), ``--pairs`` (a named pair or any ``teacher:student``, e.g.
 ``resnet8:resnet8``), ``--precisions``: ``fp32`` (``trainer.precision=32-true``) and ``fast`` (``perf=fast``:
 bf16 autocast + channels-last). The "fast vs fp32" column divides the kdx fast path by the fp32 bare loop of the
-same case. Nothing here asserts a speed: the numbers go in a table.
+same case. On a shared machine, ``--threads 1 --clock thread`` times the main thread's CPU time, which other
+processes' load moves far less than elapsed time. Nothing here asserts a speed: the numbers go in a table.
 """
 from __future__ import annotations
 
