@@ -20,7 +20,7 @@ rounds and their min–max: the **overhead** (kdx − bare, ms per step) and the
 prints a table row and one JSON line (``{"bench": ...}``). ``--data`` adds the data case: the kdx data path alone
 (loader + on-device augmentation + normalisation) on the real CIFAR-10 copy in ``../shared/data``.
 
-Cases: ``--methods`` (every method with a ``conf/distill/*.yaml`` but the data-free ``nayer``, plus
+Cases: ``--methods`` (every method with a ``conf/distill/*.yaml`` but the data-free ones and ``deit``, plus
 ``kd+topk_scale``, ``kd+ls`` and ``kd+dot``), ``--pairs`` (a named pair or any ``teacher:student``, e.g.
 ``resnet8:resnet8``), ``--precisions``: ``fp32`` (``trainer.precision=32-true``) and ``fast`` (``perf=fast``:
 bf16 autocast + channels-last). The "fast vs fp32" column divides the kdx fast path by the fp32 bare loop of the

@@ -280,13 +280,11 @@ class DataFreeModule(KDModule):
         self.student.train()
         # the student loss sees 1-based epochs of distillation (epoch 1 = the first after warm-up)
         loss, terms = distill_step(self.step_parts, Batch(self._prep(x), y, idx), ep - self.warmup + 1)
-        self.stop_if_not_finite(loss, terms)
+        self.record_step(loss, terms, x.shape[0])  # logged and checked for non-finite values every N steps
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
-        self.log_terms(loss, terms, batch_size=x.shape[0])
-        self.track_train_loss(loss, x.shape[0])
         self.cost["student_s"] += self._clock() - t0 - synthesis_s
         return loss.detach()
 
