@@ -175,8 +175,14 @@ def test_ctkd_end_to_end_temperature_trains_with_the_student(tmp_path, teacher_c
     assert all(torch.equal(teacher0[k], v) for k, v in module.teacher.state_dict().items())
     assert 1.0 < strategy.last_temperature.item() < 21.0 and strategy.last_lambda == pytest.approx(_lambda_hand(1))
     assert "strategy.global_temperature.global_t" in module.state_dict()  # saved in checkpoints
-    header = next(csv.reader(open(next((tmp_path / "run").rglob("metrics.csv")))))
-    assert {"train/loss/ce", "train/loss/kd"} <= set(header)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    assert {"train/loss/ce", "train/loss/kd", "train/ctkd/temperature", "train/ctkd/lambda"} <= set(rows[0])
+    logged = [r for r in rows if r["train/ctkd/temperature"]]
+    assert logged and float(logged[-1]["train/ctkd/temperature"]) == pytest.approx(strategy.last_temperature.item())
+    assert float(logged[-1]["train/ctkd/lambda"]) == pytest.approx(_lambda_hand(1))
+    row = module.history[-1]  # the epoch's history row holds the last step's temperature and λ
+    assert row["ctkd/temperature"] == pytest.approx(strategy.last_temperature.item())
+    assert row["ctkd/lambda"] == pytest.approx(_lambda_hand(1))
 
 
 @pytest.mark.parametrize("overrides,label,terms", [

@@ -157,6 +157,12 @@ class Strategy(nn.Module):
         """Weighted loss terms; ``epoch`` is 1-based (the first epoch is 1)."""
         raise NotImplementedError
 
+    def logged_values(self) -> dict[str, Tensor | float]:
+        """Values of the latest step that are not loss terms (a learned temperature, a schedule's weight), logged as
+        ``train/<name>`` at each logging point and kept in each epoch's history row; tensors may stay on the device
+        (they are read back only there). None by default."""
+        return {}
+
     def forward(self, student, teacher, batch, epoch):  # noqa: D102 - nn.Module entry point
         return self.loss_terms(student, teacher, batch, epoch)
 

@@ -182,6 +182,11 @@ class CurriculumTemperature(Strategy):
     def distill_terms(self, z_s: Tensor, z_t: Tensor, target: Tensor, tau: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def logged_values(self) -> dict[str, Tensor | float]:
+        if self.last_temperature is None:
+            return {}
+        return {"ctkd/temperature": self.last_temperature, "ctkd/lambda": float(self.last_lambda)}
+
     def loss_terms(self, student, teacher, batch, epoch):
         tau = self.temperature(epoch)
         z_s, z_t = self.transform_logits(student.logits, teacher.logits)

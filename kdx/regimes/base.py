@@ -209,6 +209,11 @@ class KDModule(pl.LightningModule):
         self.log("train/loss", torch.tensor(total), prog_bar=True, **kw)
         for name, value in terms.items():
             self.log(f"train/loss/{name}", torch.tensor(value), **kw)
+        for name, value in self._strategy_values().items():  # the latest step's (Strategy.logged_values)
+            self.log(f"train/{name}", torch.tensor(value), **kw)
+
+    def _strategy_values(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.strategy.logged_values().items()}
 
     def _add_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         if self._train_loss_n == 0:
@@ -312,6 +317,7 @@ class KDModule(pl.LightningModule):
                "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else None}
         if self._epoch_train_loss is not None:
             row["train_loss"] = self._epoch_train_loss
+        row.update(self._strategy_values())  # e.g. CTKD's temperature at the epoch's last step
         self.history.append(row)
 
     def test_step(self, batch, batch_idx):
