@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast test-slow report clean-outputs
+.PHONY: install run test test-fast test-slow report clean-outputs bench bench-quality bench-quality-cifar10 bench-datafree gpu-check
 
 install: $(VENV)/.kdx-installed
 
@@ -60,14 +60,41 @@ BENCH_ARGS ?= --data --cache
 bench: install
 	$(BIN)/python -m kdx.bench $(BENCH_ARGS)
 
-# Quality on real data (~35 minutes on 2 CPU cores): every method on the same small budget on the CIFAR-10 copy,
-# 2 seeds, then a short data-free NAYER run, and one results table (multirun/bench-quality/results.md).
-# Resumable: re-running skips finished jobs. QUALITY_METHODS / QUALITY_SEEDS narrow it.
-QUALITY_METHODS ?= none,kd,dkd,topkd,reffakd,afd,rtk
-QUALITY_SEEDS ?= 0,1
+# Quality on real CIFAR-100 (README: what it ran, the numbers, the time on 2 CPU cores): every method on `make run`'s
+# budget (its stored resnet20 teacher; resnet8 students, 2 epochs on the full training set): the baseline, KD, DKD
+# and TopKD over 3 seeds, every other method over 1, one table (multirun/bench-quality/results.md). Resumable:
+# re-running skips finished jobs. QUALITY_CORE / QUALITY_BASELINES / the *_SEEDS narrow or widen it.
+QUALITY_CORE ?= none,kd,dkd,topkd
+QUALITY_CORE_SEEDS ?= 0,1,2
+QUALITY_BASELINES ?= kd_crd,dist,nkd,ttm,wttm,sdd_kd,sdd_dkd,ctkd,mlkd,reffakd,fitnet,at,sp,pkt,rkd,nst,vid,crd,reviewkd,ofd,afd,rtk
+QUALITY_BASELINE_SEEDS ?= 0
+QUALITY_FLAGS = resume=auto sweep_name=bench-quality logger=csv progress_bar=none
 bench-quality: install
-	$(BIN)/python -m kdx -m experiment=cifar10/quality distill=$(QUALITY_METHODS) seed=$(QUALITY_SEEDS) \
+	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=$(QUALITY_CORE) seed=$(QUALITY_CORE_SEEDS) $(QUALITY_FLAGS)
+	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=$(QUALITY_BASELINES) seed=$(QUALITY_BASELINE_SEEDS) \
+		$(QUALITY_FLAGS)
+	$(BIN)/python -m kdx.report multirun/bench-quality
+
+# The earlier CIFAR-10 quality budget (~35 minutes): none,kd,dkd,topkd,reffakd,afd,rtk × 2 seeds on the CIFAR-10
+# copy's 10,000-image subset, then a short data-free NAYER run (multirun/bench-quality-c10/results.md).
+QUALITY_C10_METHODS ?= none,kd,dkd,topkd,reffakd,afd,rtk
+bench-quality-cifar10: install
+	$(BIN)/python -m kdx -m experiment=cifar10/quality distill=$(QUALITY_C10_METHODS) seed=0,1 \
 		resume=auto sweep_name=bench-quality-cifar10 logger=csv progress_bar=none
-	$(BIN)/python -m kdx -m experiment=cifar10/nayer_quick trainer.max_epochs=6 seed=$(QUALITY_SEEDS) \
+	$(BIN)/python -m kdx -m experiment=cifar10/nayer_quick trainer.max_epochs=6 seed=0,1 \
 		resume=auto sweep_name=bench-quality-nayer logger=csv progress_bar=none
-	$(BIN)/python -m kdx.report multirun/bench-quality-cifar10 multirun/bench-quality-nayer --out multirun/bench-quality
+	$(BIN)/python -m kdx.report multirun/bench-quality-cifar10 multirun/bench-quality-nayer --out multirun/bench-quality-c10
+
+# The data-free comparison: NAYER against DeepInversion, CMI, Fast and DAFL on one teacher, one budget and one clock
+# (python -m kdx.bench_datafree --dry-run prints the commands and the estimated time; DATAFREE_ARGS=--budget tiny
+# for a quick pass).
+DATAFREE_ARGS ?=
+bench-datafree: install
+	$(BIN)/python -m kdx.bench_datafree $(DATAFREE_ARGS)
+
+# On a machine with a CUDA GPU: device, throughput of KD/DKD/TopKD/AFD (fp32, bf16, compile, data on the device),
+# what bounds an epoch, then a short real CIFAR-100 teacher + KD run, in about 10 minutes. Without a GPU it says so
+# and exits 0.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(BIN)/python -m kdx.gpu_check $(GPU_CHECK_ARGS)
