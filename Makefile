@@ -61,19 +61,26 @@ bench: install
 	$(BIN)/python -m kdx.bench $(BENCH_ARGS)
 
 # Quality on real CIFAR-100 (README: what it ran, the numbers, the time on 2 CPU cores): every method on `make run`'s
-# budget (its stored resnet20 teacher; resnet8 students, 2 epochs on the full training set): the baseline, KD, DKD
-# and TopKD over 3 seeds, every other method over 1, one table (multirun/bench-quality/results.md). Resumable:
+# budget (its stored resnet20 teacher; resnet8 students, 2 epochs on the full training set). The methods kdx had
+# before the baselines (none, kd, dkd, topkd, reffakd, afd, rtk, kd+topk_scale, and the data-free nayer on the same
+# teacher) over 3 seeds, every later baseline over 1; one table (multirun/bench-quality/results.md). Resumable:
 # re-running skips finished jobs. QUALITY_CORE / QUALITY_BASELINES / the *_SEEDS narrow or widen it.
-QUALITY_CORE ?= none,kd,dkd,topkd
+QUALITY_CORE ?= none,kd,dkd,topkd,reffakd,afd,rtk
 QUALITY_CORE_SEEDS ?= 0,1,2
-QUALITY_BASELINES ?= kd_crd,dist,nkd,ttm,wttm,sdd_kd,sdd_dkd,ctkd,mlkd,reffakd,fitnet,at,sp,pkt,rkd,nst,vid,crd,reviewkd,ofd,afd,rtk
+QUALITY_BASELINES ?= kd_crd,dist,nkd,ttm,wttm,sdd_kd,sdd_dkd,ctkd,mlkd,fitnet,at,sp,pkt,rkd,nst,vid,crd,reviewkd,ofd
 QUALITY_BASELINE_SEEDS ?= 0
-QUALITY_FLAGS = resume=auto sweep_name=bench-quality logger=csv progress_bar=none
+QUALITY_FLAGS = resume=auto logger=csv progress_bar=none
 bench-quality: install
-	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=$(QUALITY_CORE) seed=$(QUALITY_CORE_SEEDS) $(QUALITY_FLAGS)
+	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=$(QUALITY_CORE) seed=$(QUALITY_CORE_SEEDS) \
+		sweep_name=bench-quality $(QUALITY_FLAGS)
+	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=kd distill/teacher_transform=topk_scale \
+		seed=$(QUALITY_CORE_SEEDS) sweep_name=bench-quality-tsm $(QUALITY_FLAGS)
+	$(BIN)/python -m kdx -m experiment=cifar100/nayer_quality seed=$(QUALITY_CORE_SEEDS) \
+		sweep_name=bench-quality-nayer $(QUALITY_FLAGS)
 	$(BIN)/python -m kdx -m experiment=cifar100/quality distill=$(QUALITY_BASELINES) seed=$(QUALITY_BASELINE_SEEDS) \
-		$(QUALITY_FLAGS)
-	$(BIN)/python -m kdx.report multirun/bench-quality
+		sweep_name=bench-quality $(QUALITY_FLAGS)
+	$(BIN)/python -m kdx.report multirun/bench-quality multirun/bench-quality-tsm multirun/bench-quality-nayer \
+		--out multirun/bench-quality
 
 # The earlier CIFAR-10 quality budget (~35 minutes): none,kd,dkd,topkd,reffakd,afd,rtk × 2 seeds on the CIFAR-10
 # copy's 10,000-image subset, then a short data-free NAYER run (multirun/bench-quality-c10/results.md).
