@@ -112,4 +112,23 @@ class DataFreeStrategy(Strategy):
         return 0
 
 
-__all__ = ["DataFreeStrategy", "SynthesisEnv", "SynthesisStep"]
+class RoundSynthesis(DataFreeStrategy):
+    """A synthesiser that runs ``n_rounds`` equal rounds per epoch, each of ``g_steps`` optimisation steps on one
+    batch of ``synthesis_batch_size`` images that goes to the bank (DeepInversion, CMI, Fast's driver loop).
+    Subclasses set the three attributes."""
+
+    n_rounds: int
+    g_steps: int
+    synthesis_batch_size: int
+
+    def synthesis_units(self, ep: int, warmup: int) -> int:
+        return self.n_rounds * self.g_steps
+
+    def rounds(self, ep: int, warmup: int) -> int:
+        return self.n_rounds
+
+    def images_per_epoch(self, ep: int, warmup: int) -> int:
+        return self.n_rounds * self.synthesis_batch_size
+
+
+__all__ = ["DataFreeStrategy", "RoundSynthesis", "SynthesisEnv", "SynthesisStep"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.datafree.augment import augment, normalize_float
-from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
+from kdx.datafree.base import RoundSynthesis, SynthesisEnv, SynthesisStep
 from kdx.datafree.common import (
     BestBatch, BNStatHooks, Generator, build_seeded, dcgan_init, n_params, peek_seed, student_logits,
 )
@@ -143,7 +143,7 @@ class InstanceMeans:
         return out, torch.cat(self.values, dim=1)
 
 
-class CMI(DataFreeStrategy):
+class CMI(RoundSynthesis):
     """``distill=cmi``: see the module docstring."""
 
     def __init__(
@@ -189,15 +189,6 @@ class CMI(DataFreeStrategy):
         self.hooks: Optional[BNStatHooks] = None
         self.means: Optional[InstanceMeans] = None
         self._batch: dict[str, Any] = {}
-
-    def synthesis_units(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.g_steps
-
-    def rounds(self, ep: int, warmup: int) -> int:
-        return self.n_rounds
-
-    def images_per_epoch(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.synthesis_batch_size
 
     def _feature_modules(self, teacher: nn.Module) -> list[nn.Module]:
         if self.feature_layers is None:

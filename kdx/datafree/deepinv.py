@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
+from kdx.datafree.base import RoundSynthesis, SynthesisEnv, SynthesisStep
 from kdx.datafree.common import BNStatHooks, clip_normalised, denormalise, image_prior_tv, jsdiv, student_logits
 from kdx.distill.base import Strategy
 
@@ -46,7 +46,7 @@ def jitter_and_flip(x: Tensor, lim: float = 1 / 8, flip: bool = True, rng=None) 
     return x
 
 
-class DeepInversion(DataFreeStrategy):
+class DeepInversion(RoundSynthesis):
     """``distill=deepinv``: image optimisation against the teacher's BN statistics (see the module docstring)."""
 
     def __init__(
@@ -80,15 +80,6 @@ class DeepInversion(DataFreeStrategy):
         self.jitter, self.flip, self.keep_best = float(jitter), bool(flip), bool(keep_best)
         self.hooks = self.student_hooks = None
         self._batch: dict[str, Any] = {}
-
-    def synthesis_units(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.g_steps
-
-    def rounds(self, ep: int, warmup: int) -> int:
-        return self.n_rounds
-
-    def images_per_epoch(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.synthesis_batch_size
 
     def setup(self, env: SynthesisEnv) -> None:
         self.hooks = BNStatHooks(env.teacher, 0.0) if self.w_bn > 0 else None

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kdx.datafree.augment import augment
-from kdx.datafree.base import DataFreeStrategy, SynthesisEnv, SynthesisStep
+from kdx.datafree.base import RoundSynthesis, SynthesisEnv, SynthesisStep
 from kdx.datafree.common import BestBatch, BNStatHooks, Generator, build_seeded, n_params, peek_seed, student_logits
 from kdx.datafree.losses import adversarial_loss
 from kdx.distill.base import Strategy
@@ -59,7 +59,7 @@ def set_reptile_grads(meta: torch.nn.Module, fast: torch.nn.Module, scale: float
         p.grad = scale * (p - q)
 
 
-class Fast(DataFreeStrategy):
+class Fast(RoundSynthesis):
     """``distill=fast``: see the module docstring."""
 
     def __init__(
@@ -105,15 +105,6 @@ class Fast(DataFreeStrategy):
         self.meta_opt: Optional[torch.optim.Optimizer] = None
         self.hooks: Optional[BNStatHooks] = None
         self._batch: dict[str, Any] = {}
-
-    def synthesis_units(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.g_steps
-
-    def rounds(self, ep: int, warmup: int) -> int:
-        return self.n_rounds
-
-    def images_per_epoch(self, ep: int, warmup: int) -> int:
-        return self.n_rounds * self.synthesis_batch_size
 
     def call_index(self, ep: int, unit: int) -> int:
         """The official 1-based count of synthesis calls (``self.ep``) at work unit ``unit`` of epoch ``ep``."""
