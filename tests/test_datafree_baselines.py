@@ -244,9 +244,15 @@ def test_generator_reinit_and_fast_schedule():
     assert fast.call_index(139, 0) == 140 == fast.reset_l0_at + 20  # reset_l0 at the 140th synthesis
 
 
-def test_dafl_refuses_a_ce_term_and_declares_no_bank():
-    with pytest.raises(ValueError, match="distill.loss.w_ce"):
-        DAFL(KD(w_ce=1.0))
+def test_dafl_refuses_a_loss_that_reads_labels_and_declares_no_bank():
+    from kdx.distill.dkd import DKD
+    from kdx.distill.topkd import TopKScale
+
+    for loss in (KD(w_ce=1.0), DKD(), KD(w_ce=0.0, teacher_transform=TopKScale())):
+        assert loss.reads_labels()
+        with pytest.raises(ValueError, match="distill.loss.w_ce"):
+            DAFL(loss)
+    assert not _kd().reads_labels()
     assert DAFL.uses_bank is False and DeepInversion.uses_bank and DAFL(_kd()).rounds(0, 0) == 80
 
 

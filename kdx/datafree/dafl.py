@@ -67,8 +67,10 @@ class DAFL(DataFreeStrategy):
             raise ValueError(f"distill.adv_criterion={adv_criterion!r}: use kl (official KLDiv, T=1) or l1 (DFAD)")
         if adversary not in ("teacher", "student"):
             raise ValueError(f"distill.adversary={adversary!r}: use teacher (official driver) or student")
-        if float(getattr(loss, "w_ce", 0.0) or 0.0) != 0.0:
-            raise ValueError("distill.loss.w_ce must be 0 for DAFL: its samples carry no label.")
+        if loss.reads_labels():
+            raise ValueError("distill.loss reads the batch labels (a non-zero distill.loss.w_ce, a teacher_transform, "
+                             "or a target-class loss such as DKD), but DAFL's samples carry no label: use "
+                             "distill/loss=kd with distill.loss.w_ce=0 and teacher_transform=null.")
         self.g_steps, self.n_rounds, self.synthesis_batch_size = int(g_steps), int(rounds), int(synthesis_batch_size)
         self.lr_g, self.g_betas, self.nz, self.ngf = float(lr_g), tuple(float(b) for b in g_betas), int(nz), int(ngf)
         self.w_oh, self.w_act, self.w_balance = float(oh), float(act), float(balance)

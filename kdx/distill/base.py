@@ -157,6 +157,11 @@ class Strategy(nn.Module):
         """Weighted loss terms; ``epoch`` is 1-based (the first epoch is 1)."""
         raise NotImplementedError
 
+    def reads_labels(self) -> bool:
+        """Whether the loss reads ``batch.y`` (a weighted CE, a target-class mask, ...). True unless a strategy knows
+        better: a data-free synthesiser whose samples carry no label (DAFL) refuses a loss that reads them."""
+        return True
+
     def logged_values(self) -> dict[str, Tensor | float]:
         """Values of the latest step that are not loss terms (a learned temperature, a schedule's weight), logged as
         ``train/<name>`` at each logging point and kept in each epoch's history row; tensors may stay on the device

@@ -21,6 +21,9 @@ class KD(Strategy):
         self.w_ce = w_ce
         self.w_kd = w_kd
 
+    def reads_labels(self) -> bool:
+        return float(self.w_ce) != 0.0 or self.teacher_transform is not None
+
     def loss_terms(self, student, teacher, batch, epoch):
         z_s, z_t = self.transform_logits(student.logits, teacher.logits)
         return {
