@@ -279,7 +279,7 @@ def bare_loop(job) -> Callable[[int], float]:
     dm.setup("fit")
     raw = tuple(t.to(device) for t in next(iter(dm.train_dataloader())))  # one uint8 batch, kept on the device
     opt = module.optimizer_factory(module.trainable_parameters())  # the config's optimiser (SGD, DOT, ...)
-    split = not module.automatic_optimization  # optim=dot: distillation, then task gradients (kdx's order)
+    split = module.parts.split_losses  # optim=dot: distillation, then task gradients (kdx's order)
     task_names = strategy.task_terms
     precision = str(cfg.trainer.precision)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
