@@ -130,7 +130,9 @@ def cost_section(runs: list[Run]) -> str:
             ref = to_target.get("nayer", [None] * len(targets))[i]
             ratio = f" ({t / ref:.1f}× NAYER)" if t is not None and ref else ""
             cells.append(("not reached" if t is None else f"{t:.1f}") + ratio)
-        if "nayer" in best:  # the claim's reading: as good as method m, at what fraction of its synthesis time
+        if "nayer" in best and m == "nayer":
+            cells.append("—")
+        elif "nayer" in best:  # the claim's reading: as good as method m, at what fraction of its synthesis time
             t_nayer = _mean([time_to_acc(r, statistics.mean(accs)) for r in by_method["nayer"]])
             cells.append("not reached" if t_nayer is None else
                          f"{t_nayer:.1f}" + (f" ({final[m] / t_nayer:.1f}×)" if t_nayer > 0 else ""))

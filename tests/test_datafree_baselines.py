@@ -455,6 +455,7 @@ def test_cost_tables_read_equal_time_and_time_to_accuracy(tmp_path):
     assert row.split(" | ")[7:] == ["—", "—", "300.0 (10.0× NAYER)", "not reached", "30.0 (10.0×) |"]
     nayer_row = next(line for line in text.splitlines() if line.startswith("| nayer"))
     assert "30.0 (1.0× NAYER)" in nayer_row and "50.00" in nayer_row and "44.0%" in text
+    assert nayer_row.endswith("| — |")
     if importlib.util.find_spec("matplotlib") is not None:
         rep = report.build(nayer + deepinv, [])
         assert report.plot_synthesis_cost(rep, tmp_path / "cost.png") and (tmp_path / "cost.png").stat().st_size > 0
