@@ -262,8 +262,11 @@ def build_job(method: str, pair: str, precision: str, batch: int, total_steps: i
     return cfg, build(cfg, run_job=run)
 
 
-def bare_loop(job) -> Callable[[int], float]:
-    """``timed(n)``: the seconds of ``n`` plain-PyTorch steps on the job's own objects (sets them up once)."""
+def bare_loop(job, mark: Optional[Callable[[str], None]] = None) -> Callable[[int], float]:
+    """``timed(n)``: the seconds of ``n`` plain-PyTorch steps on the job's own objects (sets them up once).
+    ``mark(phase)`` (:mod:`kdx.bench_phases`) is called at the end of each phase of a step: data, forward (and
+    loss), backward (with zero_grad), optimiser."""
+    mark = mark or (lambda phase: None)
     from kdx.distill.base import Batch
     from kdx.regimes import step as step_fn
 
@@ -292,12 +295,16 @@ def bare_loop(job) -> Callable[[int], float]:
         # the same per-step data work as kdx's path: crop/flip + normalise (+ extra views) on the device, no loader
         x, y, idx = dm.transform_batch(raw, train=True, epoch=0)
         views = {k: prep(v) for k, v in dm.extra_views(raw, 0).items()} if dm.extra_view_names else {}
+        mark("data")
         with amp:
             loss, terms = step_fn.distill_step(module.step_parts, Batch(prep(x), y, idx, views), 1)
+        mark("forward")
         opt.zero_grad(set_to_none=True)
         if not split:
             loss.backward()
+            mark("backward")
             opt.step()
+            mark("optimiser")
             return
         task = [v.float() for k, v in terms.items() if k in task_names]
         distil = [v.float() for k, v in terms.items() if k not in task_names]
@@ -308,6 +315,7 @@ def bare_loop(job) -> Callable[[int], float]:
         if task:
             torch.stack(task).sum().backward()
         opt.step()
+        mark("backward and optimiser (optim=dot)")
 
     def timed(n: int) -> float:
         _sync(device)

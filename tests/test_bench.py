@@ -122,3 +122,29 @@ def test_a_case_whose_loss_turns_non_finite_is_reported_not_timed():
     row = {"case": "vid/wrn40_2_wrn16_2/fp32", "method": "vid", "pair": "wrn40_2_wrn16_2", "precision": "fp32",
            "failed": "Non-finite loss at epoch 1, global step 2: loss=nan; term(s) vid=nan."}
     assert "| vid/wrn40_2_wrn16_2/fp32 | not timed: Non-finite loss at epoch 1, global step 2 |" in bench.table([row])
+
+
+def test_phases_cut_kdx_step_at_lightning_hooks_and_bare_loop_in_four(monkeypatch, capsys):
+    """``python -m kdx.bench_phases`` on a fake clock that advances 1 ms per read: every phase between two marks is
+    exactly 1 ms, so the phases printed are the marks a KD step reaches, in order, each seen once per step."""
+    import itertools
+
+    from kdx import bench_phases
+
+    ticks = itertools.count()
+    monkeypatch.setattr(bench_phases, "clock", lambda: next(ticks) / 1000)
+    assert bench_phases.main(["--method", "kd", "--batch", "2", "--steps", "4", "--warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    row = json.loads(next(line for line in printed.splitlines() if line.startswith('{"phases"')))["phases"]
+    assert list(row["kdx_ms"]) == list(bench_phases.KDX_PHASES.values())  # every hook, in a step's order
+    assert set(row["kdx_ms"].values()) == {1.0} and row["kdx_sum_ms"] == len(bench_phases.KDX_PHASES)
+    assert row["bare_ms"] == {"data": 1.0, "forward": 1.0, "backward": 1.0, "optimiser": 1.0}
+    assert "| backward | 1.000 |" in printed and "Difference of the sums: +8.000 ms" in printed
+
+
+def test_phases_rejects_an_unknown_method(capsys):
+    from kdx import bench_phases
+
+    with pytest.raises(SystemExit) as e:
+        bench_phases.main(["--method", "nosuch"])
+    assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
