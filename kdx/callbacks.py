@@ -41,6 +41,13 @@ class Checkpoint(ModelCheckpoint):
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        # Lightning's own test, first: with neither every_n_train_steps nor train_time_interval it saves nothing
+        # per step, but only after its per-step bookkeeping (kdx.bench_phases)
+        if self._every_n_train_steps < 1 and self._train_time_interval is None:
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
     def _save_last_if_behind(self, trainer: Any) -> None:
         if not self.save_last or self._should_skip_saving_checkpoint(trainer) or trainer.sanity_checking:
             return

@@ -229,6 +229,13 @@ class BaseDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A batch of tensors already on ``device`` (every CPU run, ``on_device`` loaders) is passed through as it
+        is, without Lightning's walk over the batch (kdx.bench_phases); any other batch moves as Lightning moves it."""
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.train_dataset, train=True)

@@ -71,6 +71,15 @@ class Parts:
     split_losses: bool = False  # the optimiser steps on the task and the distillation gradients apart (optim=dot)
 
 
+@dataclass
+class _StepCounts:
+    """The epoch's training-loss sum (on the device) and step count, and the images seen."""
+
+    loss_sum: Optional[torch.Tensor] = None
+    loss_n: int = 0
+    images_seen: int = 0
+
+
 def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
 
@@ -105,10 +114,10 @@ class KDModule(pl.LightningModule):
             self.teacher_acc1 = float(teacher.known_acc1)
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] = {"epoch": None, "val_acc1": float("-inf"), "test_acc1": None}
-        self._train_loss_sum = torch.zeros(())
-        self._train_loss_n = 0
+        # per-step counters on a plain object: an attribute set on the module itself goes through nn.Module's
+        # __setattr__, tens of microseconds a step on a slow CPU (kdx.bench_phases)
+        object.__setattr__(self, "_counts", _StepCounts())
         self._epoch_train_loss: Optional[float] = None
-        self.images_seen = 0  # training images the student has taken a step on (this rank)
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if teacher is not None:
@@ -215,13 +224,19 @@ class KDModule(pl.LightningModule):
     def _strategy_values(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.strategy.logged_values().items()}
 
+    @property
+    def images_seen(self) -> int:
+        """Training images the student has taken a step on (this rank; kept in checkpoints)."""
+        return self._counts.images_seen
+
     def _add_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        if self._train_loss_n == 0:
-            self._train_loss_sum = loss.clone()
+        counts = self._counts
+        if counts.loss_n == 0:
+            counts.loss_sum = loss.clone()
         else:
-            self._train_loss_sum.add_(loss)
-        self._train_loss_n += 1
-        self.images_seen += int(batch_size)
+            counts.loss_sum.add_(loss)
+        counts.loss_n += 1
+        counts.images_seen += int(batch_size)
 
     def _check_window(self, window: TermWindow) -> None:
         """Raise :class:`NonFiniteLossError` if a loss summed in ``window`` was not finite (all ranks together)."""
@@ -253,12 +268,12 @@ class KDModule(pl.LightningModule):
 
     def _close_train_loss(self) -> None:
         """The epoch's mean training loss (over ranks), once per epoch; a no-op when no step ran since."""
-        if self._train_loss_n == 0:
+        counts = self._counts
+        if counts.loss_n == 0:
             return
-        mean = self._train_loss_sum / self._train_loss_n
+        mean = counts.loss_sum / counts.loss_n
         self._epoch_train_loss = float(self.trainer.strategy.reduce(mean, reduce_op="mean"))
-        self._train_loss_sum = torch.zeros((), device=self.device)
-        self._train_loss_n = 0
+        counts.loss_sum, counts.loss_n = None, 0
 
     def on_train_epoch_end(self) -> None:
         self._check_window(self._unchecked)  # before the epoch's checkpoint (without validation; with it: below)
@@ -358,7 +373,7 @@ class KDModule(pl.LightningModule):
         self.best = dict(state.get("best", self.best))
         if state.get("teacher_acc1") is not None:
             self.teacher_acc1 = state["teacher_acc1"]
-        self.images_seen = int(state.get("images_seen", 0))
+        self._counts.images_seen = int(state.get("images_seen", 0))
 
 
 __all__ = ["KDModule", "Parts", "Perf"]
