@@ -120,7 +120,83 @@ def measure(method: str, pair: str, precision: str, batch: int, steps: int, warm
             "bare_sum_ms": round(sum(v for k, v in bare.items() if k != "start"), 4)}
 
 
+def floor(steps: int, warmup: int, repeats: int = 5) -> dict[str, Any]:
+    """Lightning's own cost per step, without kdx: a one-layer model on fixed 8×16 batches, ``Trainer.fit`` (no
+    logger, checkpoint, progress bar or summary; automatic and manual optimisation) against the same step in a
+    plain loop; median ms per step of each, medians over ``repeats`` runs."""
+    import lightning.pytorch as pl
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(8)]
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return warmup + steps
+
+        def __getitem__(self, i: int):
+            return data[i % len(data)]
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, manual: bool) -> None:
+            super().__init__()
+            self.net, self.automatic_optimization, self.t = nn.Linear(16, 4), not manual, []
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+        def on_train_batch_end(self, *a: Any) -> None:
+            self.t.append(clock())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def per_step(times: list[float]) -> float:
+        return 1000 * statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1:]))
+
+    def lightning(manual: bool) -> float:
+        module = Tiny(manual)
+        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", devices=1).fit(
+            module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+        return per_step(module.t)
+
+    def bare() -> float:
+        net = nn.Linear(16, 4)
+        opt, times = torch.optim.SGD(net.parameters(), lr=0.01), []
+        for i in range(warmup + steps):
+            x, y = data[i % len(data)]
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(clock())
+        return per_step(times)
+
+    runs: dict[str, list[float]] = {"bare loop": [], "Lightning, automatic optimisation": [],
+                                    "Lightning, manual optimisation": []}
+    for _ in range(repeats):
+        runs["bare loop"].append(bare())
+        runs["Lightning, automatic optimisation"].append(lightning(False))
+        runs["Lightning, manual optimisation"].append(lightning(True))
+    return {"case": "floor: one linear layer, batch 8", "steps": steps, "repeats": repeats,
+            "device": "cpu", "ms_step": {k: round(statistics.median(v), 4) for k, v in runs.items()}}
+
+
 def table(row: dict[str, Any]) -> str:
+    if "ms_step" in row:  # --floor
+        bare = row["ms_step"]["bare loop"]
+        lines = [f"{row['case']}, {row['steps']} steps × {row['repeats']} runs: median ms per step", "",
+                 "| loop | ms/step | over the bare loop |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {v - bare:+.3f} |" for k, v in row["ms_step"].items()]
+        return "\n".join(lines)
     lines = [f"{row['case']}, batch {row['batch']}, {row['steps']} steps, {row['device']}: median ms per step", "",
              "| kdx phase | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in row["kdx_ms"].items()]
@@ -140,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="measured steps of each path (default 300)")
     p.add_argument("--warmup", type=int, default=20, help="steps left out first (default 20)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--floor", action="store_true",
+                   help="Lightning's own per-step cost on a one-layer model instead (no kdx), against a plain loop")
     a = p.parse_args(argv)
     if a.method not in bench.METHODS:
         p.error(f"--method {a.method!r}: choose from {bench.METHODS}")
@@ -152,7 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(max(1, a.threads))
     with bench._quiet_logs(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="kdx-phases-") as tmp:
         warnings.simplefilter("ignore")  # Lightning's advice on a run with no validation
-        row = measure(a.method, a.pair, a.precision, a.batch, a.steps, a.warmup, Path(tmp))
+        row = (floor(a.steps, a.warmup) if a.floor
+               else measure(a.method, a.pair, a.precision, a.batch, a.steps, a.warmup, Path(tmp)))
     print(json.dumps({"phases": row}))
     print(table(row))
     return 0

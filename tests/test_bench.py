@@ -148,3 +148,20 @@ def test_phases_rejects_an_unknown_method(capsys):
     with pytest.raises(SystemExit) as e:
         bench_phases.main(["--method", "nosuch"])
     assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
+
+
+def test_phases_floor_times_a_bare_loop_and_lightning_both_ways(monkeypatch, capsys):
+    """``--floor`` on a fake clock read once per step (1 ms a read): each loop then measures exactly 1 ms a step, so
+    the row holds the three loops, each timed per step over its own steps."""
+    import itertools
+
+    from kdx import bench_phases
+
+    ticks = itertools.count()
+    monkeypatch.setattr(bench_phases, "clock", lambda: next(ticks) / 1000)
+    assert bench_phases.main(["--floor", "--steps", "4", "--warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    row = json.loads(next(line for line in printed.splitlines() if line.startswith('{"phases"')))["phases"]
+    assert row["ms_step"] == {"bare loop": 1.0, "Lightning, automatic optimisation": 1.0,
+                              "Lightning, manual optimisation": 1.0}
+    assert "| Lightning, manual optimisation | 1.000 | +0.000 |" in printed
