@@ -167,8 +167,10 @@ class KDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ losses
     def record_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        """A training step's bookkeeping in one call, without a host synchronisation: :meth:`stop_if_not_finite`,
-        :meth:`log_terms` and :meth:`track_train_loss` on one stacked copy of its losses."""
+        """A training step's bookkeeping in one call, without a host synchronisation, on one stacked copy of its
+        losses: the non-finite check's window (:meth:`stop_if_not_finite`), the logged per-step means
+        (``train/loss``, ``train/loss/<term>`` at each logging point and the epoch's end), and the epoch's training
+        loss and images seen."""
         values, names, step, at_log = stacked(loss, terms), tuple(terms), self.global_step, self._logging_point()
         if self.check_finite:
             self._add_unchecked(values, names, step, at_log)
@@ -180,15 +182,6 @@ class KDModule(pl.LightningModule):
         steps when set, each epoch's end) stop the run if one was not finite since the previous check."""
         if self.check_finite:
             self._add_unchecked(stacked(loss, terms), tuple(terms), self.global_step, self._logging_point())
-
-    def log_terms(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Sum the total and each weighted term on the device; at a logging point, log their per-step means since the
-        previous one (``train/loss``, ``train/loss/<term>``; the steps after the last one: at the epoch's end)."""
-        self._add_unlogged(stacked(loss, terms), tuple(terms), self.global_step, self._logging_point())
-
-    def track_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        """Accumulate the epoch's training loss (on the device) and count the images seen."""
-        self._add_train_loss(loss.detach().float(), batch_size)
 
     def _logging_point(self) -> bool:
         """Whether Lightning writes this training step's logged values (every ``trainer.log_every_n_steps``); no
